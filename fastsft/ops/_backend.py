@@ -1,0 +1,31 @@
+"""Which implementation an op runs: the Triton kernels or the plain-PyTorch reference.
+
+FASTSFT_BACKEND=triton forces the kernels (tests set TRITON_INTERPRET=1 to run them on CPU tensors),
+FASTSFT_BACKEND=reference forces the references; unset (or "auto") uses the kernels for CUDA tensors only.
+Read at call time so tests can switch it with monkeypatch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CHOICES = ("auto", "triton", "reference")
+
+
+def backend() -> str:
+    value = os.environ.get("FASTSFT_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"FASTSFT_BACKEND={value!r} is not one of {', '.join(_CHOICES)}")
+    return value
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels should run for these inputs."""
+    choice = backend()
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        return True
+    return all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
