@@ -3,14 +3,16 @@
 One micro-batch is one packed row of exactly `seq_len` tokens, no batch dimension (what FlashAttention varlen wants):
 
 - input_ids      [seq_len] int64  documents back to back, padding (PAD_ID) in the tail only.
-- position_ids   [seq_len] int32  restart at 0 at every document; padding positions are 0.
+- position_ids   [seq_len] int32  restart at 0 at every segment (each document, and the padding tail).
 - labels         [seq_len] int64  already shifted: labels[t] is the next token of the same document when that token
                                   carries loss, else IGNORE_INDEX. No target crosses a document boundary; padding
                                   never carries loss. The model does no shifting.
-- cu_seqlens     [max_docs + 1] int32  FIXED length: cu_seqlens[0] = 0, then the end offset of each document; the tail
-                                  repeats the last offset (empty documents). The padding tail is NOT covered by a
-                                  document: cu_seqlens[-1] is the number of real tokens (padding attends to nothing
-                                  and is never read by the loss).
+- cu_seqlens     [max_docs + 2] int32  FIXED length. cu_seqlens[0] = 0, then the end offset of each document; when the
+                                  row has padding, the padding tail is one more segment, so cu_seqlens[-1] == seq_len
+                                  ALWAYS and every position lies in exactly one segment (attention output is defined
+                                  everywhere: no NaN or uninitialised rows leak into gradients). Unused tail entries
+                                  repeat seq_len (empty segments). Length is max_docs + 2: up to max_docs documents,
+                                  one padding segment, and the leading 0.
 - max_seqlen     Python int        a fixed bound (seq_len), so compiled code stays static.
 - loss_positions [bucket] int32    the positions t with labels[t] != IGNORE_INDEX, ascending, then LOSS_POSITION_FILL
                                   (-1) up to the fixed bucket size. Ops gather with clamp(min=0) and treat -1 as
