@@ -1,0 +1,288 @@
+"""Record formats for `fastsft prepare`: read .jsonl/.json files and turn each record into one normalized document.
+
+First stage of the data flow (records -> tokenizer -> shards). A normalized document is either
+- a conversation: a list of {"role": "system"|"user"|"assistant", "content": str} with at least one assistant turn
+  (assistant content is what the model is trained on), or
+- a plain text: a `str`, every token trained.
+
+Formats (detected per file from its first parseable record unless given):
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  messages           {"messages": [{"role", "content"}, ...]}                 (OpenAI style)
+  sharegpt           {"conversations": [{"from", "value"}, ...], "system"?}   from: human|user|gpt|assistant|system
+  prompt-completion  {"prompt", "completion", "system"?}
+  text               {"text"}
+
+Files: .jsonl (one JSON object per line, blank lines allowed; streamed line by line) or .json (one list of objects).
+Every problem is a `DataError` naming the file, the line (and the record index for .json) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion", "text")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# The keys that identify each format, checked in this order (the first match wins).
+_DETECT_KEYS = (
+    ("messages", ("messages",)),
+    ("sharegpt", ("conversations",)),
+    ("alpaca", ("instruction", "output")),
+    ("prompt-completion", ("prompt", "completion")),
+    ("text", ("text",)),
+)
+
+
+class DataError(ValueError):
+    """A record (or file) that cannot be used, with where it is: file, line, record index (.json), field."""
+
+    def __init__(self, problem: str, path=None, line: int | None = None, record: int | None = None,
+                 field: str | None = None):
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        self.line = line
+        self.record = record
+        self.field = field
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = self.location()
+        field = f"field '{self.field}': " if self.field else ""
+        return f"{where}: {field}{self.problem}" if where else f"{field}{self.problem}"
+
+    def location(self) -> str:
+        if self.path is None:
+            return ""
+        if self.record is not None:
+            line = f", line {self.line}" if self.line is not None else ""
+            return f"{self.path}: record {self.record}{line}"
+        return f"{self.path}:{self.line}" if self.line is not None else self.path
+
+    def __reduce__(self):  # keeps the fields across process boundaries (workers send errors back)
+        return (DataError, (self.problem, self.path, self.line, self.record, self.field))
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def iter_raw_records(path) -> Iterator[tuple[int, int | None, bytes | dict, int]]:
+    """Yield (line, record_index, payload, bytes_consumed) for every record of a .jsonl or .json file.
+
+    .jsonl payloads are the raw line (bytes, parsed later, possibly in a worker); .json payloads are parsed objects.
+    record_index is None for .jsonl (the line number locates the record).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _iter_jsonl(path)
+    elif suffix == ".json":
+        yield from _iter_json_list(path)
+    else:
+        raise DataError(f"unsupported file type '{path.suffix}': use .jsonl (one JSON object per line) or .json "
+                        "(a list of objects)", path)
+
+
+def _iter_jsonl(path: Path):
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                yield line_no, None, line, len(line)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _iter_json_list(path: Path):
+    """Walk a JSON list element by element (raw_decode) so each record keeps its line number."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 at byte {e.start}", path) from None
+    decoder = json.JSONDecoder()
+    line_at = _LineCounter(text)
+    pos = _WHITESPACE.match(text, 0).end()
+    if pos == len(text):
+        return
+    if text[pos] != "[":
+        raise DataError("a .json file must hold a list of records (for one object per line, name the file .jsonl)",
+                        path, line=line_at(pos))
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return
+    index = 0
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno}); a .json list cannot be read past this "
+                            "point, fix the file", path, line=e.lineno, record=index) from None
+        yield line_at(pos), index, obj, end - pos
+        index += 1
+        pos = _WHITESPACE.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WHITESPACE.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return
+        else:
+            raise DataError("malformed JSON: expected ',' or ']' after a record", path, line=line_at(pos),
+                            record=index)
+
+
+class _LineCounter:
+    """Line number of a character offset, for offsets that only increase (counts newlines incrementally)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def load_record(payload: bytes | dict, path, line: int, record: int | None) -> dict:
+    """The record as a dict: parses a .jsonl line, checks it is a JSON object."""
+    if isinstance(payload, bytes | bytearray):
+        try:
+            payload = json.loads(payload)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path, line=line) from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 at byte {e.start} of the line", path, line=line) from None
+    if not isinstance(payload, dict):
+        raise DataError(f"a record must be a JSON object, got {_json_type(payload)}", path, line=line, record=record)
+    return payload
+
+
+def detect_format(record: dict) -> str | None:
+    """The format whose identifying keys this record has, or None."""
+    for name, keys in _DETECT_KEYS:
+        if all(k in record for k in keys):
+            return name
+    return None
+
+
+def detect_file_format(path) -> str:
+    """The format of a file, from its first record that parses as a JSON object with a known format's keys.
+
+    Records before it that are malformed are left for the reading pass to report (or skip with --skip-bad).
+    """
+    first_error = None
+    for line, record_index, payload, _ in iter_raw_records(path):
+        try:
+            record = load_record(payload, path, line, record_index)
+        except DataError as e:
+            first_error = first_error or e
+            continue
+        name = detect_format(record)
+        if name is not None:
+            return name
+        keys = ", ".join(sorted(record)) or "none"
+        expected = "; ".join(f"{n}: {'+'.join(k)}" for n, k in _DETECT_KEYS)
+        raise DataError(f"cannot detect the format from this record's keys ({keys}); expected one of {expected}, "
+                        "or pass --format", path, line=line, record=record_index)
+    if first_error is not None:
+        raise first_error
+    raise DataError("no records in file", path)
+
+
+# ---------------------------------------------------------------------------------------------- normalizing
+
+
+def normalize_record(record: dict, fmt: str, path=None, line: int | None = None, record_index: int | None = None):
+    """One record of format `fmt` as a conversation (list of role/content dicts) or a plain text (str)."""
+
+    def fail(problem, field):
+        raise DataError(problem, path, line=line, record=record_index, field=field)
+
+    def text_field(name, optional=False, obj=record, label=None):
+        label = label or name
+        if name not in obj or (optional and obj[name] is None):
+            if optional:
+                return None
+            fail(f"missing (a '{fmt}' record needs it)", label)
+        value = obj[name]
+        if not isinstance(value, str):
+            fail(f"must be a string, got {_json_type(value)}", label)
+        return value
+
+    if fmt == "text":
+        return text_field("text")
+    if fmt == "alpaca":
+        instruction, extra, output = text_field("instruction"), text_field("input", optional=True), text_field("output")
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        return _with_system(text_field("system", optional=True), [_msg("user", user), _msg("assistant", output)])
+    if fmt == "prompt-completion":
+        prompt, completion = text_field("prompt"), text_field("completion")
+        return _with_system(text_field("system", optional=True), [_msg("user", prompt), _msg("assistant", completion)])
+    if fmt == "messages":
+        turns = _turn_list(record, "messages", fail)
+        messages = []
+        for i, turn in enumerate(turns):
+            role = text_field("role", obj=turn, label=f"messages[{i}].role")
+            if role not in ROLES:
+                fail(f"unknown role '{role}' (expected one of {', '.join(ROLES)})", f"messages[{i}].role")
+            messages.append(_msg(role, text_field("content", obj=turn, label=f"messages[{i}].content")))
+        return _check_conversation(messages, "messages", fail)
+    if fmt == "sharegpt":
+        turns = _turn_list(record, "conversations", fail)
+        messages = []
+        for i, turn in enumerate(turns):
+            speaker = text_field("from", obj=turn, label=f"conversations[{i}].from")
+            if speaker not in SHAREGPT_ROLES:
+                fail(f"unknown speaker '{speaker}' (expected one of {', '.join(SHAREGPT_ROLES)})",
+                     f"conversations[{i}].from")
+            messages.append(_msg(SHAREGPT_ROLES[speaker], text_field("value", obj=turn,
+                                                                     label=f"conversations[{i}].value")))
+        messages = _with_system(text_field("system", optional=True), messages)
+        return _check_conversation(messages, "conversations", fail)
+    raise ValueError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
+
+
+def _msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def _with_system(system: str | None, messages: list) -> list:
+    return ([_msg("system", system)] if system else []) + messages
+
+
+def _turn_list(record, key, fail) -> list:
+    if key not in record:
+        fail("missing", key)
+    turns = record[key]
+    if not isinstance(turns, list):
+        fail(f"must be a list of turns, got {_json_type(turns)}", key)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            fail(f"a turn must be a JSON object, got {_json_type(turn)}", f"{key}[{i}]")
+    return turns
+
+
+def _check_conversation(messages, key, fail) -> list:
+    if not any(m["role"] == "assistant" for m in messages):
+        fail("conversation has no assistant turn, so nothing would be trained", key)
+    return messages
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def read_documents(path, fmt: str = "auto") -> Iterator[tuple[int, int | None, list | str]]:
+    """Every document of a file as (line, record_index, document); the first bad record raises its DataError.
+
+    Convenience for small files and tests; `fastsft prepare` streams raw records to its workers instead.
+    """
+    fmt = detect_file_format(path) if fmt == "auto" else fmt
+    for line, record_index, payload, _ in iter_raw_records(path):
+        record = load_record(payload, path, line, record_index)
+        yield line, record_index, normalize_record(record, fmt, path, line, record_index)

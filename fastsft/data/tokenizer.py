@@ -1,0 +1,374 @@
+"""Tokenizers for fastsft: the built-in byte tokenizer and local Hugging Face tokenizers, behind one interface.
+
+Second stage of the data flow: a normalized document from `fastsft.data.formats` (a conversation or a plain text)
+becomes token ids plus a loss mask, which `fastsft prepare` writes to shards. The trainer, generation and export use
+the same objects, so a model is always trained, prompted and exported with one tokenization.
+
+Interface (both kinds):
+  vocab_size            ids the model must embed (max id + 1)
+  eos_id, pad_id        end of text / padding id
+  stop_ids              ids that end generation (eos and the chat template's end-of-turn tokens)
+  encode(text)          token ids of plain text, no special tokens
+  decode(ids)           text, special tokens written out
+  encode_conversation(messages, train_on="all"|"last") -> (ids int32, loss_mask uint8)
+                        only assistant content and the end-of-turn token(s) closing each assistant turn carry loss;
+                        "last" trains only the final assistant turn
+  encode_text(text)     (ids, mask) with BOS (when the tokenizer has one) and EOS; every token trained
+  prompt_ids(messages)  the conversation plus the opening of an assistant turn, for generation
+  identity()            kind, name/path, vocab_size and a content hash (recorded in manifests and caches)
+  save_pretrained(dir)  a tokenizer directory `transformers.AutoTokenizer` loads offline
+
+Position 0 never carries loss: no token precedes it, so nothing predicts it.
+
+Hugging Face tokenizers use their chat template. Assistant spans are found without generation markers: each assistant
+turn k is the text that rendering messages[:k+1] adds to rendering messages[:k] with the generation prompt (so default
+system prompts and headers are the template's business), with trailing whitespace after the end-of-turn token left
+untrained. Templates whose renderings are not prefixes of each other fall back to searching each assistant content in
+the rendered text and extending it over the special tokens that follow it. A tokenizer without a chat template gets
+`FALLBACK_CHAT_TEMPLATE` ("User:\\n...\\n\\nAssistant:\\n...<eos>"), which `save_pretrained` then saves with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fastsft.data.formats import DataError
+
+TRAIN_ON = ("all", "last")
+
+# Byte tokenizer: ids 0..255 are the UTF-8 bytes, then these special tokens in this order.
+BYTE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+# For Hugging Face tokenizers that ship no chat template: plain role headers, EOS closes each assistant turn.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ 'Assistant:\\n' + message['content'] + eos_token + '\\n\\n' }}"
+    "{% else %}{{ message['role'] | capitalize + ':\\n' + message['content'] + '\\n\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:\\n' }}{% endif %}"
+)
+
+# Files that define a Hugging Face tokenizer's behaviour (hashed for its identity; model weights are not).
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                       "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def load_tokenizer(spec) -> Tokenizer:
+    """`"byte"` -> the built-in byte tokenizer; a directory -> its Hugging Face tokenizer (never downloads).
+
+    A Tokenizer passes through unchanged.
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    if str(spec) == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--tokenizer '{spec}': not 'byte' and not a directory; give 'byte' or a local Hugging Face "
+                         "tokenizer directory (tokenizer.json + tokenizer_config.json). Nothing is downloaded.")
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer '{spec}': no tokenizer.json in this directory; fastsft needs a fast "
+                         "(tokenizers-library) Hugging Face tokenizer, saved with save_pretrained.")
+    return HFTokenizer(path)
+
+
+class Tokenizer:
+    """Shared parts of the two tokenizer kinds (see the module docstring for the interface)."""
+
+    kind = "?"
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    stop_ids: list[int]
+
+    def encode_conversation(self, messages: list[dict], train_on: str = "all") -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def encode_document(self, document, train_on: str = "all") -> tuple[np.ndarray, np.ndarray]:
+        """A normalized document from `fastsft.data.formats`: a conversation (list) or a plain text (str)."""
+        if isinstance(document, str):
+            return self.encode_text(document)
+        return self.encode_conversation(document, train_on)
+
+    def __repr__(self) -> str:
+        ident = self.identity()
+        return f"{type(self).__name__}({ident.get('path') or ident['name']!r}, vocab_size={self.vocab_size})"
+
+
+def _check_train_on(train_on: str) -> None:
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on!r}: expected one of {', '.join(TRAIN_ON)}")
+
+
+def _finish(ids, mask) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids, dtype=np.int32)
+    mask = np.asarray(mask, dtype=np.uint8)
+    if len(mask):
+        mask[0] = 0  # nothing precedes position 0, so it can never be a target
+    return ids, mask
+
+
+def _trained_turns(messages: list[dict], train_on: str) -> set[int]:
+    """Indices of the assistant turns that carry loss."""
+    _check_train_on(train_on)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return set(assistant[-1:] if train_on == "last" else assistant)
+
+
+# ---------------------------------------------------------------------------------------------- byte tokenizer
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 plus role/end-of-turn special tokens; needs no files.
+
+    Chat format (BYTE_CHAT_TEMPLATE): <bos> then per message <|role|> content <|end|>; generation opens <|assistant|>.
+    Special tokens are never produced from text: a literal "<|end|>" in content stays bytes.
+    """
+
+    kind = "byte"
+
+    def __init__(self):
+        self.special_ids = {tok: 256 + i for i, tok in enumerate(BYTE_SPECIAL_TOKENS)}
+        self.vocab_size = 256 + len(BYTE_SPECIAL_TOKENS)
+        self.pad_id = self.special_ids["<pad>"]
+        self.bos_id = self.special_ids["<bos>"]
+        self.eos_id = self.special_ids["<eos>"]
+        self.end_id = self.special_ids["<|end|>"]
+        self.stop_ids = [self.end_id, self.eos_id]
+        self.role_ids = {r: self.special_ids[f"<|{r}|>"] for r in ("system", "user", "assistant")}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        out, run = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append(BYTE_SPECIAL_TOKENS[i - 256] if i - 256 < len(BYTE_SPECIAL_TOKENS) else f"<|id{i}|>")
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def encode_conversation(self, messages, train_on="all"):
+        trained = _trained_turns(messages, train_on)
+        ids, mask = [self.bos_id], [0]
+        for i, message in enumerate(messages):
+            content = np.frombuffer(message["content"].encode("utf-8"), dtype=np.uint8)
+            loss = 1 if i in trained else 0
+            ids.append(self.role_ids[message["role"]])
+            mask.append(0)
+            ids.extend(content.tolist())
+            mask.extend([loss] * len(content))
+            ids.append(self.end_id)
+            mask.append(loss)
+        return _finish(ids, mask)
+
+    def encode_text(self, text):
+        ids = [self.bos_id, *text.encode("utf-8"), self.eos_id]
+        return _finish(ids, np.ones(len(ids), dtype=np.uint8))
+
+    def prompt_ids(self, messages) -> list[int]:
+        ids = [self.bos_id]
+        for message in messages:
+            ids += [self.role_ids[message["role"]], *message["content"].encode("utf-8"), self.end_id]
+        return ids + [self.role_ids["assistant"]]
+
+    def identity(self) -> dict:
+        definition = json.dumps({"specials": BYTE_SPECIAL_TOKENS, "template": BYTE_CHAT_TEMPLATE})
+        return {"kind": "byte", "name": "byte", "vocab_size": self.vocab_size,
+                "hash": hashlib.sha256(definition.encode()).hexdigest()}
+
+    def save_pretrained(self, directory) -> None:
+        """Write tokenizer.json + tokenizer_config.json that AutoTokenizer loads offline with identical ids."""
+        _byte_hf_tokenizer().save_pretrained(str(directory))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character map that byte-level BPE (the tokenizers ByteLevel pre-tokenizer) uses."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _byte_hf_tokenizer():
+    """The byte tokenizer as a PreTrainedTokenizerFast: byte-level BPE with no merges, so byte b is id b."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[]))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    rust.decoder = decoders.ByteLevel()
+    rust.add_special_tokens(list(BYTE_SPECIAL_TOKENS))
+    for i, tok in enumerate(BYTE_SPECIAL_TOKENS):
+        assert rust.token_to_id(tok) == 256 + i, "special tokens must follow the 256 bytes in order"
+    bos = ("<bos>", BYTE_SPECIAL_TOKENS.index("<bos>") + 256)  # add_special_tokens=True prepends <bos>, as Llama does
+    rust.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[bos])
+    return PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   chat_template=BYTE_CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+
+class HFTokenizer(Tokenizer):
+    """A local Hugging Face (fast) tokenizer directory, with its chat template or FALLBACK_CHAT_TEMPLATE."""
+
+    kind = "hf"
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path).resolve()
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as e:  # transformers raises many kinds; the user needs the path and the reason
+            raise ValueError(f"--tokenizer '{path}': could not load it as a Hugging Face tokenizer: {e}") from e
+        if not getattr(self.tok, "is_fast", False):
+            raise ValueError(f"--tokenizer '{path}': loaded a slow tokenizer; fastsft needs a fast one (tokenizer.json) "
+                             "for character offsets")
+        self.template_source = "own" if self.tok.chat_template else "fastsft-fallback"
+        if not self.tok.chat_template:
+            self.tok.chat_template = FALLBACK_CHAT_TEMPLATE
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"--tokenizer '{path}': it has no eos_token; set one in tokenizer_config.json")
+        self.eos_id = int(self.tok.eos_token_id)
+        self.pad_id = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = max(max(self.tok.get_vocab().values()) + 1, len(self.tok))
+        self._special_ids = {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
+        self._special_strings = sorted((t.content for t in self.tok.added_tokens_decoder.values() if t.special),
+                                       key=len, reverse=True)
+        self.stop_ids = self._find_stop_ids()
+
+    # plain text ---------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def encode_text(self, text):
+        ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
+        if not ids or ids[-1] != self.eos_id:
+            ids.append(self.eos_id)
+        return _finish(ids, np.ones(len(ids), dtype=np.uint8))
+
+    # conversations ------------------------------------------------------------------------------------------
+    def render(self, messages, add_generation_prompt=False) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja TemplateError, or a template's raise_exception(...)
+            raise DataError(f"the tokenizer's chat template rejected this conversation: {e}", field="messages") from e
+
+    def encode_conversation(self, messages, train_on="all"):
+        trained = _trained_turns(messages, train_on)
+        text = self.render(messages)
+        spans = [span for k, span in self.assistant_spans(messages, text).items() if k in trained]
+        encoding = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(encoding["input_ids"], dtype=np.int32)
+        offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for start, end in spans:  # a token carries loss when its characters overlap an assistant span
+            mask |= ((offsets[:, 0] < end) & (offsets[:, 1] > start)).astype(np.uint8)
+        return _finish(ids, mask)
+
+    def prompt_ids(self, messages) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def assistant_spans(self, messages, text: str) -> dict[int, tuple[int, int]]:
+        """Character span [start, end) in `text` (the rendered conversation) of each assistant turn: its content
+        and the end-of-turn token(s) that close it, without the whitespace the template puts after them."""
+        spans, search_from = {}, 0
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            span = self._span_by_prefix(messages, k, text)
+            if span is None:
+                span = self._span_by_search(message["content"], text, search_from, k)
+            spans[k] = span
+            search_from = span[1]
+        return spans
+
+    def _span_by_prefix(self, messages, k, text):
+        try:
+            before = self.render(messages[:k], add_generation_prompt=True)
+        except DataError:  # e.g. a template that cannot render an empty or system-only prefix
+            return None
+        try:
+            through = self.render(messages[: k + 1])
+        except DataError:
+            return None
+        if not (through.startswith(before) and text.startswith(through)):
+            return None
+        start = len(before)
+        return start, max(start, len(through.rstrip()))
+
+    def _span_by_search(self, content, text, search_from, k):
+        needle = content.strip()
+        start = text.find(needle, search_from)
+        if start < 0:
+            raise DataError(f"could not find assistant turn {k}'s content in the chat template's output (the template "
+                            "changes message content); use a template that keeps content verbatim", field="messages")
+        end = start + len(needle)
+        extended = True
+        while extended:  # the special tokens right after the content close the turn (e.g. <|eot_id|>)
+            extended = False
+            for special in self._special_strings:
+                if special and text.startswith(special, end):
+                    end += len(special)
+                    extended = True
+                    break
+        return start, end
+
+    def _find_stop_ids(self) -> list[int]:
+        """EOS plus the special tokens the template puts after an assistant's content (its end-of-turn)."""
+        stops = [self.eos_id]
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+        try:
+            text = self.render(probe)
+            start, end = self.assistant_spans(probe, text)[1]
+        except DataError:
+            return stops
+        tail = text[start:end]
+        tail = tail[tail.find("ok") + 2:] if "ok" in tail else tail
+        for i in self.tok.encode(tail, add_special_tokens=False):
+            if i in self._special_ids and i not in stops:
+                stops.append(int(i))
+        return stops
+
+    # identity and export -------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        digest = hashlib.sha256()
+        for name in _HF_TOKENIZER_FILES:
+            file = self.path / name
+            if file.is_file():
+                digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+        digest.update(self.tok.chat_template.encode())
+        return {"kind": "hf", "name": str(self.tok.name_or_path), "path": str(self.path),
+                "vocab_size": self.vocab_size, "chat_template": self.template_source, "hash": digest.hexdigest()}
+
+    def save_pretrained(self, directory) -> None:
+        self.tok.save_pretrained(str(directory))
