@@ -25,7 +25,10 @@ ignored gives a loss of 0 (transformers gives NaN).
 Padding-free batches (one row of sequences back to back, `position_ids` restarting at 0 per sequence, as
 `DataCollatorWithFlattening` produces) need nothing extra, exactly as in transformers: that collator writes -100 as
 the first label of every sequence, so after the shift the last token of one sequence has no target and no
-prediction crosses a boundary. The attention mask for such rows is built by the model from `position_ids`, as before.
+prediction crosses a boundary. The attention mask for such rows is built by the model from `position_ids`, as before,
+but only without a KV cache: the fused training forward therefore defaults `use_cache` to False (transformers' own
+forward takes `config.use_cache`, usually True, and then lets packed sequences attend to each other unless the
+caller passes use_cache=False, as the `Trainer` does).
 
 `revert(model)` undoes both patches.
 """
@@ -225,6 +228,11 @@ def _fused_forward(
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
+    # A training forward never needs a KV cache. Leaving it to config.use_cache (True in most checkpoints) would
+    # also build one, and a cache turns off transformers' detection of padding-free rows from position_ids, so
+    # sequences would attend across their boundaries (the Trainer avoids that by setting use_cache=False).
+    if use_cache is None:
+        use_cache = False
     # The loss kwargs also travel to the decoder, as in transformers' own forward (its layers ignore them).
     outputs = self.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

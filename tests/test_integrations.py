@@ -1,0 +1,299 @@
+"""fastsft.integrations.transformers: a patched transformers model must train exactly like the unpatched one.
+
+The reference is always transformers itself: the same tiny random model, deep-copied before patching, run with its
+own RMSNorm and its own ForCausalLMLoss on materialized logits (fp32). Padding-free batches are also checked
+against each sequence run on its own, and gradient accumulation against one big batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    DataCollatorWithFlattening,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from fastsft.integrations import transformers as fit
+from fastsft.ops import RMSNorm
+
+VOCAB = 96
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def tiny_model(arch: str = "llama", tie_word_embeddings: bool = False):
+    config_class, model_class = ARCHS[arch]
+    config = config_class(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = model_class(config)
+    # Norm weights start at exactly 1: make them random so a wrongly wired norm cannot pass.
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(0.5, 1.5)
+    return model.float().train()
+
+
+def reference_and_patched(arch: str = "llama", **kw):
+    reference = tiny_model(arch, **kw)
+    patched = fit.apply(copy.deepcopy(reference))
+    return reference, patched
+
+
+def random_features(lengths, prompt_lengths):
+    """Tokenized examples as a collator sees them: labels = input_ids with the prompt masked."""
+    features = []
+    for length, prompt in zip(lengths, prompt_lengths, strict=True):
+        ids = torch.randint(3, VOCAB, (length,)).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return features
+
+
+def padded_batch(features):
+    """Right-padded batch: attention_mask 0 and labels -100 on padding."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.zeros(len(features), width, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros(len(features), width, dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_loss_and_grads(reference, patched, batch):
+    ref_out, ref_grads = loss_and_grads(reference, batch)
+    out, grads = loss_and_grads(patched, batch)
+    assert out.logits is None  # the point: no [tokens x vocab] tensor on the training path
+    assert ref_out.logits is not None
+    torch.testing.assert_close(out.loss, ref_out.loss, **TOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
+    return out.loss
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_patched_model_uses_fastsft_norms_with_the_same_parameters(arch):
+    reference, patched = reference_and_patched(arch)
+    norms = [name for name, m in patched.named_modules() if isinstance(m, RMSNorm)]
+    expected = [name for name, m in reference.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms == expected and norms  # every norm swapped, in place (Qwen3 includes the q/k head norms)
+    assert [n for n, _ in patched.named_parameters()] == [n for n, _ in reference.named_parameters()]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_padded_batch_same_loss_and_grads(arch):
+    reference, patched = reference_and_patched(arch)
+    batch = padded_batch(random_features([11, 7, 9], [3, 2, 4]))
+    assert_same_loss_and_grads(reference, patched, batch)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_padding_free_batch_same_loss_and_grads(arch):
+    reference, patched = reference_and_patched(arch)
+    batch = DataCollatorWithFlattening()(random_features([9, 6, 12], [2, 3, 1]))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    # transformers finds the sequences in position_ids only without a KV cache (the Trainer sets use_cache=False).
+    assert_same_loss_and_grads(reference, patched, {**batch, "use_cache": False})
+
+
+def test_padding_free_equals_sequences_run_one_by_one():
+    """Independent of the packing: the flattened row's loss is the token-weighted mean of each sequence alone,
+    so no target crosses a sequence boundary and no attention leaks across one. The patched model gets no
+    use_cache argument: its training forward defaults it to False, so a hand-written loop is right too."""
+    reference, patched = reference_and_patched("llama")
+    features = random_features([8, 13, 5], [3, 1, 2])
+    packed = patched(**DataCollatorWithFlattening()(features)).loss
+    total, count = 0.0, 0
+    for f in features:
+        ids = torch.tensor([f["input_ids"]])
+        labels = torch.tensor([f["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        total = total + reference(input_ids=ids, labels=labels).loss * n
+        count += n
+    torch.testing.assert_close(packed, total / count, **TOL)
+
+
+def test_num_items_in_batch_gives_the_big_batch_loss_and_grads():
+    """Two micro-batches of different token counts, each divided by the step's count, add up to the one big
+    batch: the loss and the gradients the Trainer's gradient accumulation relies on."""
+    reference, patched = reference_and_patched("qwen3")
+    features = random_features([12, 5, 9, 7], [2, 1, 4, 3])
+    big = padded_batch(features)
+    micro = [padded_batch(features[:1]), padded_batch(features[1:])]
+    num_items = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+    ref_out, ref_grads = loss_and_grads(reference, big)
+
+    patched.zero_grad(set_to_none=True)
+    accumulated = 0.0
+    for b in micro:
+        loss = patched(**b, num_items_in_batch=num_items).loss
+        loss.backward()
+        accumulated = accumulated + loss.detach()
+    torch.testing.assert_close(accumulated, ref_out.loss, **TOL)
+    for name, p in patched.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
+    # An int works too (custom loops pass one).
+    one = patched(**micro[0], num_items_in_batch=int(num_items)).loss
+    assert one.item() < ref_out.loss.item()
+
+
+def test_tied_embeddings_and_shift_labels():
+    reference, patched = reference_and_patched("llama", tie_word_embeddings=True)
+    assert patched.lm_head.weight is patched.model.embed_tokens.weight
+    batch = padded_batch(random_features([10, 6], [2, 2]))
+    assert_same_loss_and_grads(reference, patched, batch)
+    # Pre-shifted labels (as context-parallel setups pass) are used as given, not shifted again.
+    shift = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    torch.testing.assert_close(
+        patched(**inputs, shift_labels=shift).loss, reference(**batch).loss, **TOL
+    )
+
+
+def test_logits_when_not_training_with_labels():
+    reference, patched = reference_and_patched("mistral")
+    batch = padded_batch(random_features([9, 6], [2, 1]))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    torch.testing.assert_close(patched(**inputs).logits, reference(**inputs).logits, **TOL)
+    # Eval mode keeps the logits even with labels (compute_metrics needs them); the loss is the same.
+    reference.eval(), patched.eval()
+    with torch.no_grad():
+        out, ref = patched(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    # return_dict=False on the fused path: a tuple starting with the loss.
+    patched.train()
+    as_tuple = patched(**batch, return_dict=False, use_cache=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].ndim == 0
+
+
+def test_generation_unchanged():
+    reference, patched = reference_and_patched("qwen2")
+    reference.eval(), patched.eval()
+    prompt = torch.randint(3, VOCAB, (2, 5))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    torch.testing.assert_close(patched.generate(prompt, **kw), reference.generate(prompt, **kw), rtol=0, atol=0)
+
+
+def test_save_pretrained_unchanged(tmp_path):
+    from safetensors.torch import load_file
+
+    reference, patched = reference_and_patched("qwen3")
+    reference.save_pretrained(tmp_path / "reference")
+    patched.save_pretrained(tmp_path / "patched")
+    saved_ref = load_file(tmp_path / "reference" / "model.safetensors")
+    saved = load_file(tmp_path / "patched" / "model.safetensors")
+    assert saved.keys() == saved_ref.keys()
+    for key in saved_ref:
+        torch.testing.assert_close(saved[key], saved_ref[key], rtol=0, atol=0)
+    reloaded = Qwen3ForCausalLM.from_pretrained(tmp_path / "patched")
+    assert type(reloaded.model.norm).__name__ == "Qwen3RMSNorm"  # a plain checkpoint, nothing of fastsft in it
+
+
+def test_apply_twice_is_harmless_and_revert_restores():
+    reference, patched = reference_and_patched("llama")
+    forward = patched.forward
+    fit.apply(patched)
+    assert patched.forward.__func__ is forward.__func__
+    batch = padded_batch(random_features([8, 5], [2, 2]))
+    assert_same_loss_and_grads(reference, patched, batch)
+
+    norm_weight = patched.model.norm.weight
+    fit.revert(patched)
+    assert not fit.is_applied(patched) and "forward" not in patched.__dict__
+    assert type(patched.model.norm).__name__ == "LlamaRMSNorm" and patched.model.norm.weight is norm_weight
+    out = patched(**batch)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, reference(**batch).loss, **TOL)
+
+
+def test_rms_norm_only_and_loss_only():
+    reference = tiny_model("llama")
+    norms_only = fit.apply(copy.deepcopy(reference), loss=False)
+    loss_only = fit.apply(copy.deepcopy(reference), rms_norm=False)
+    batch = padded_batch(random_features([7, 9], [1, 3]))
+    assert norms_only(**batch).logits is not None and isinstance(norms_only.model.norm, RMSNorm)
+    assert loss_only(**batch).logits is None and not isinstance(loss_only.model.norm, RMSNorm)
+    expected = reference(**batch).loss
+    torch.testing.assert_close(norms_only(**batch).loss, expected, **TOL)
+    torch.testing.assert_close(loss_only(**batch).loss, expected, **TOL)
+
+
+def test_unsupported_models_are_refused_with_the_supported_list():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        fit.apply(gpt2)
+    decoder_only = LlamaModel(tiny_model("llama").config)
+    with pytest.raises(ValueError, match="expected a LlamaForCausalLM"):
+        fit.apply(decoder_only)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformers Trainer: a few optimizer steps, gradient accumulation on.
+
+
+def trainer_losses(model, tmp_path, batch_size, accumulation, steps=4):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(1)
+    dataset = random_features(torch.randint(5, 14, (batch_size * accumulation * steps,)).tolist(),
+                              torch.randint(1, 4, (batch_size * accumulation * steps,)).tolist())
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to="none",
+        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithFlattening())
+    assert trainer.model_accepts_loss_kwargs  # so the Trainer passes num_items_in_batch to the forward
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trainer_loss_curve_same_as_unpatched(tmp_path):
+    reference, patched = reference_and_patched("llama")
+    expected = trainer_losses(reference, tmp_path / "reference", batch_size=2, accumulation=2)
+    got = trainer_losses(patched, tmp_path / "patched", batch_size=2, accumulation=2)
+    assert len(got) == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_accumulation_equals_one_big_batch(tmp_path):
+    """2 micro-batches x 2 sequences per step vs 1 x 4 over the same sampled order: the same losses, only if
+    num_items_in_batch reaches the fused loss (micro-batches differ in token count)."""
+    model = tiny_model("qwen2")
+    accumulated = trainer_losses(fit.apply(copy.deepcopy(model)), tmp_path / "a", batch_size=2, accumulation=2)
+    big = trainer_losses(fit.apply(copy.deepcopy(model)), tmp_path / "b", batch_size=4, accumulation=1)
+    torch.testing.assert_close(torch.tensor(accumulated), torch.tensor(big), rtol=1e-4, atol=1e-5)
