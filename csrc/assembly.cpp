@@ -1,0 +1,112 @@
+// Batch assembly: plan rows -> the batch contract's buffers (fastsft/data/batch.py), straight from the memory-mapped
+// shards. Memory-bound by design: a few tight, vectorizable loops per document, no allocation per row.
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "packing.h"
+
+namespace fastsft {
+
+namespace {
+
+// One document at position `pos` of a row. Returns the number of supervised positions written to `loss_pos`.
+template <typename Token>
+int64_t fill_document(const Token* tokens, const uint8_t* mask, int64_t length, int64_t pos, int64_t* input_ids,
+                      int32_t* position_ids, int64_t* labels, int32_t* loss_pos) {
+  int64_t* ids = input_ids + pos;
+  int32_t* positions = position_ids + pos;
+  int64_t* lab = labels + pos;
+  for (int64_t t = 0; t < length; ++t) ids[t] = static_cast<int64_t>(tokens[t]);
+  for (int64_t t = 0; t < length; ++t) positions[t] = static_cast<int32_t>(t);
+  for (int64_t t = 0; t + 1 < length; ++t) lab[t] = mask[t + 1] ? static_cast<int64_t>(tokens[t + 1]) : kIgnoreIndex;
+  lab[length - 1] = kIgnoreIndex;
+  // Branch-free compaction: always write, advance only on a supervised position (loss_pos has room for seq_len).
+  int64_t count = 0;
+  for (int64_t t = 0; t + 1 < length; ++t) {
+    loss_pos[count] = static_cast<int32_t>(pos + t);
+    count += mask[t + 1] != 0;  // != 0: a corrupt mask byte must not skip ahead
+  }
+  return count;
+}
+
+void validate_row(const Corpus& corpus, const int64_t* row_ptr, int64_t num_plan_rows, int64_t num_row_docs,
+                  const int64_t* row_docs, const int64_t* eff_len, int64_t row, const BatchBuffers& out) {
+  auto fail = [&](const std::string& what) {
+    throw std::invalid_argument("assemble_rows: plan row " + std::to_string(row) + ": " + what);
+  };
+  if (row < 0 || row >= num_plan_rows) fail("row index out of range of the plan");
+  const int64_t begin = row_ptr[row], end = row_ptr[row + 1];
+  if (begin < 0 || end < begin || end > num_row_docs) fail("corrupt row_ptr");
+  if (end - begin > out.max_docs) fail("more documents than max_docs");
+  int64_t total = 0;
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t doc = row_docs[k];
+    if (doc < 0 || doc >= corpus.num_docs()) fail("document id out of range");
+    auto [shard, local] = corpus.locate(doc);
+    const ShardView& view = corpus.shards[shard];
+    const int64_t length = view.offsets[local + 1] - view.offsets[local];
+    if (eff_len[doc] < 1 || eff_len[doc] > length) fail("effective length outside [1, document length]");
+    total += eff_len[doc];
+  }
+  if (total > out.seq_len) fail("documents longer than seq_len in total");
+}
+
+}  // namespace
+
+void assemble_rows(const Corpus& corpus, const int64_t* row_ptr, int64_t num_plan_rows, const int64_t* row_docs,
+                   int64_t num_row_docs, const int64_t* eff_len, const int64_t* rows, int64_t num_rows,
+                   const BatchBuffers& out) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    validate_row(corpus, row_ptr, num_plan_rows, num_row_docs, row_docs, eff_len, rows[i], out);
+  }
+  const int64_t S = out.seq_len, cu_len = out.max_docs + 2;
+  std::vector<int32_t> loss_scratch(S + 1);
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const int64_t row = rows[i];
+    int64_t* input_ids = out.input_ids + i * S;
+    int32_t* position_ids = out.position_ids + i * S;
+    int64_t* labels = out.labels + i * S;
+    int32_t* cu_seqlens = out.cu_seqlens + i * cu_len;
+    int32_t* loss_positions = out.loss_positions + i * out.bucket;
+
+    int64_t pos = 0, num_loss = 0, num_docs = 0;
+    cu_seqlens[0] = 0;
+    for (int64_t k = row_ptr[row]; k < row_ptr[row + 1]; ++k) {
+      const int64_t doc = row_docs[k];
+      auto [shard, local] = corpus.locate(doc);
+      const ShardView& view = corpus.shards[shard];
+      const int64_t start = view.offsets[local], length = eff_len[doc];
+      const uint8_t* mask = view.mask + start;
+      int64_t written;
+      if (view.itemsize == 2) {
+        written = fill_document(reinterpret_cast<const uint16_t*>(view.tokens) + start, mask, length, pos, input_ids,
+                                position_ids, labels, loss_scratch.data() + num_loss);
+      } else {
+        written = fill_document(reinterpret_cast<const uint32_t*>(view.tokens) + start, mask, length, pos, input_ids,
+                                position_ids, labels, loss_scratch.data() + num_loss);
+      }
+      num_loss += written;
+      pos += length;
+      cu_seqlens[++num_docs] = static_cast<int32_t>(pos);
+    }
+    // Padding tail: its own segment (positions restart at 0), never supervised.
+    std::fill(input_ids + pos, input_ids + S, kPadId);
+    for (int64_t t = pos; t < S; ++t) position_ids[t] = static_cast<int32_t>(t - pos);
+    std::fill(labels + pos, labels + S, kIgnoreIndex);
+    std::fill(cu_seqlens + num_docs + 1, cu_seqlens + cu_len, static_cast<int32_t>(S));
+    if (num_loss > out.bucket) {
+      throw std::invalid_argument("assemble_rows: plan row " + std::to_string(row) + " has " +
+                                  std::to_string(num_loss) + " supervised positions, more than the loss bucket of " +
+                                  std::to_string(out.bucket));
+    }
+    std::memcpy(loss_positions, loss_scratch.data(), num_loss * sizeof(int32_t));
+    std::fill(loss_positions + num_loss, loss_positions + out.bucket, kLossPositionFill);
+    out.counts[i * 3 + 0] = num_loss;
+    out.counts[i * 3 + 1] = pos;
+    out.counts[i * 3 + 2] = num_docs;
+  }
+}
+
+}  // namespace fastsft

@@ -1,0 +1,310 @@
+"""`PackedLoader`: memory-mapped shards -> packed, fixed-shape `Batch` rows (the batch contract, fastsft/data/batch.py).
+
+Flow: open_shards -> effective lengths (once) -> plan of the epoch (seeded shuffle, best-fit-decreasing per window,
+rank split; once per epoch) -> batch assembly in a background thread (C++ `fastsft._C`, GIL released, into pinned
+memory when CUDA is present) -> Batch -> the train step.
+
+The C++ backend and the numpy reference (`backend="numpy"`, fastsft/data/packing_ref.py) give byte-identical batches.
+Resume: `state_dict()` records (epoch, batches consumed in it); the plan is a pure function of (seed, epoch, config),
+so `load_state_dict()` re-plans the epoch and skips to the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import zlib
+
+import numpy as np
+import torch
+
+from fastsft.data import packing_ref
+from fastsft.data.batch import Batch
+from fastsft.data.shards import ShardDataset, open_shards
+
+DEFAULT_WINDOW = 8192  # documents per shuffle window (see bench/bench_loader.py for the packing efficiency it gives)
+ROWS_PER_CALL = 4  # rows assembled per C++ call: amortizes the call, keeps prefetched memory small
+BACKENDS = ("cpp", "numpy")
+_QUEUE_POLL_S = 0.05
+_STATE_VERSION = 1
+
+
+class _CppBackend:
+    def __init__(self, dataset: ShardDataset):
+        from fastsft import _C
+
+        self._C = _C
+        self.corpus = _C.Corpus(
+            [s.tokens for s in dataset.shards], [s.mask for s in dataset.shards], [s.offsets for s in dataset.shards]
+        )
+
+    def effective_lengths(self, seq_len, loss_bucket, long_docs):
+        bucket = -1 if loss_bucket is None else loss_bucket
+        return self.corpus.effective_lengths(seq_len, bucket, long_docs == "drop")
+
+    def plan_epoch(self, eff_len, supervised, *, seq_len, max_docs, loss_bucket, window, seed, epoch, world_size,
+                   drop_last):
+        budget = seq_len if loss_bucket is None else loss_bucket
+        return self._C.plan_epoch(eff_len, supervised, seq_len, max_docs, budget, window, seed, epoch, world_size,
+                                  drop_last)
+
+    def assemble(self, row_ptr, row_docs, eff_len, rows, out):
+        self._C.assemble_rows(self.corpus, row_ptr, row_docs, eff_len, rows, out["input_ids"], out["position_ids"],
+                              out["labels"], out["cu_seqlens"], out["loss_positions"], out["counts"])
+
+
+class _NumpyBackend:
+    def __init__(self, dataset: ShardDataset):
+        self.dataset = dataset
+
+    def effective_lengths(self, seq_len, loss_bucket, long_docs):
+        return packing_ref.effective_lengths(self.dataset, seq_len, loss_bucket, long_docs)
+
+    def plan_epoch(self, eff_len, supervised, **config):
+        return packing_ref.plan_epoch(eff_len, supervised, **config)
+
+    def assemble(self, row_ptr, row_docs, eff_len, rows, out):
+        packing_ref.assemble_rows(self.dataset, row_ptr, row_docs, eff_len, rows, out)
+
+
+def _check_int(name, value, low, high=None):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low or (
+            high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"PackedLoader: {name} must be an int {bound}, got {value!r}")
+
+
+class PackedLoader:
+    """Iterate one epoch of packed rows per `for` loop; see the module docstring.
+
+    source: a prepared directory / shard directory / shard file (passed to open_shards), or a ShardDataset.
+    seq_len, max_docs: row length and the most documents per row (cu_seqlens has max_docs + 2 entries).
+    window: documents per shuffle window; best-fit-decreasing packs each window.
+    loss_bucket: fixed length of loss_positions (default seq_len); rows never hold more supervised positions.
+    long_docs: "truncate" (default) or "drop" documents that do not fit a row (or the loss bucket); both counted.
+    drop_last: False (default) balances the row count across ranks by splitting rows, so every document is seen
+        exactly once per epoch; True drops the last (row count % world_size) rows.
+    prefetch: batches assembled ahead in a background thread (0: assemble in the caller's thread).
+    pin_memory: page-locked buffers for non-blocking copies to the GPU (default: when CUDA is available).
+    """
+
+    def __init__(self, source, seq_len: int, max_docs: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 window: int = DEFAULT_WINDOW, loss_bucket: int | None = None, long_docs: str = "truncate",
+                 drop_last: bool = False, prefetch: int = 2, pin_memory: bool | None = None, backend: str = "cpp"):
+        _check_int("seq_len", seq_len, 1, (1 << 31) - 1)
+        _check_int("max_docs", max_docs, 1)
+        _check_int("seed", seed, 0, (1 << 64) - 1)
+        _check_int("world_size", world_size, 1)
+        _check_int("rank", rank, 0, world_size - 1)
+        _check_int("window", window, 1)
+        _check_int("prefetch", prefetch, 0)
+        if loss_bucket is not None:
+            _check_int("loss_bucket", loss_bucket, 1, seq_len)
+        if long_docs not in packing_ref.LONG_DOC_POLICIES:
+            raise ValueError(f"PackedLoader: long_docs must be one of {packing_ref.LONG_DOC_POLICIES}, got {long_docs!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"PackedLoader: backend must be one of {BACKENDS}, got {backend!r}")
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None or False")
+
+        self.dataset = source if isinstance(source, ShardDataset) else open_shards(source)
+        self.seq_len, self.max_docs, self.seed = int(seq_len), int(max_docs), int(seed)
+        self.rank, self.world_size, self.window = int(rank), int(world_size), int(window)
+        self.loss_bucket = None if loss_bucket is None else int(loss_bucket)
+        self.bucket = self.loss_bucket or self.seq_len
+        self.long_docs, self.drop_last = long_docs, bool(drop_last)
+        self.prefetch, self.pin_memory, self.backend = int(prefetch), bool(pin_memory), backend
+        self._impl = _CppBackend(self.dataset) if backend == "cpp" else _NumpyBackend(self.dataset)
+        eff_len, supervised = self._impl.effective_lengths(self.seq_len, self.loss_bucket, self.long_docs)
+        self.eff_len = np.ascontiguousarray(eff_len, dtype=np.int64)
+        self.supervised = np.ascontiguousarray(supervised, dtype=np.int64)
+        if not self.eff_len.any():
+            raise ValueError(
+                f"PackedLoader: every one of the {len(self.dataset)} documents is longer than seq_len={seq_len} and "
+                "long_docs='drop' drops them all; raise seq_len or use long_docs='truncate'"
+            )
+        self.epoch = 0
+        self._index = 0  # batches of the current epoch already handed out
+        self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._config = self._make_config()
+        self._fingerprint = hashlib.sha256(json.dumps(self._config, sort_keys=True).encode()).hexdigest()[:16]
+        if len(self) == 0:
+            raise ValueError(
+                f"PackedLoader: the dataset packs into fewer rows than world_size={world_size} with drop_last=True; "
+                "use drop_last=False or more data"
+            )
+
+    # ---------------------------------------------------------------------------------------------------- plan
+
+    def _make_config(self) -> dict:
+        return dict(
+            seq_len=self.seq_len, max_docs=self.max_docs, seed=self.seed, world_size=self.world_size,
+            window=self.window, loss_bucket=self.loss_bucket, long_docs=self.long_docs, drop_last=self.drop_last,
+            documents=len(self.dataset), tokens=self.dataset.num_tokens,
+            lengths_crc32=zlib.crc32(np.ascontiguousarray(self.dataset.lengths, dtype=np.int64).tobytes()),
+        )
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row_ptr, row_docs): the rows of every rank for `epoch`, as CSR arrays of document ids."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            row_ptr, row_docs = self._impl.plan_epoch(
+                self.eff_len, self.supervised, seq_len=self.seq_len, max_docs=self.max_docs,
+                loss_bucket=self.loss_bucket, window=self.window, seed=self.seed, epoch=epoch,
+                world_size=self.world_size, drop_last=self.drop_last,
+            )
+            self._plan_cache = (epoch, row_ptr, row_docs)
+        return self._plan_cache[1], self._plan_cache[2]
+
+    def rank_rows(self, epoch: int) -> np.ndarray:
+        """Indices (into plan(epoch)) of this rank's rows, in the order its batches come."""
+        row_ptr, _ = self.plan(epoch)
+        return np.arange(self.rank, len(row_ptr) - 1, self.world_size, dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch (every rank yields the same number)."""
+        return (len(self.plan(self.epoch)[0]) - 1) // self.world_size
+
+    @property
+    def stats(self) -> dict:
+        """Packing of the current epoch (all ranks) and what truncation / dropping cost."""
+        row_ptr, row_docs = self.plan(self.epoch)
+        rows = len(row_ptr) - 1
+        lengths = self.dataset.lengths
+        kept = self.eff_len > 0
+        packed_tokens = int(self.eff_len[row_docs].sum())
+        return dict(
+            epoch=self.epoch,
+            rows=rows,
+            batches_per_rank=rows // self.world_size,
+            packing_efficiency=packed_tokens / max(1, rows * self.seq_len),
+            packed_tokens=packed_tokens,
+            documents=len(lengths),
+            truncated_docs=int((kept & (self.eff_len < lengths)).sum()),
+            truncated_tokens=int((lengths - self.eff_len)[kept].sum()),
+            dropped_docs=int((~kept).sum()),
+            dropped_tokens=int(lengths[~kept].sum()),
+            empty_rows=int((np.diff(row_ptr) == 0).sum()),
+        )
+
+    # ------------------------------------------------------------------------------------------------ assembly
+
+    def _allocate(self, num_rows: int) -> tuple[dict, dict]:
+        """Torch buffers (pinned when asked) and numpy views of the same memory for the assembler."""
+        shapes = dict(
+            input_ids=((num_rows, self.seq_len), torch.int64),
+            position_ids=((num_rows, self.seq_len), torch.int32),
+            labels=((num_rows, self.seq_len), torch.int64),
+            cu_seqlens=((num_rows, self.max_docs + 2), torch.int32),
+            loss_positions=((num_rows, self.bucket), torch.int32),
+        )
+        tensors = {k: torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory) for k, (shape, dtype) in shapes.items()}
+        arrays = {k: t.numpy() for k, t in tensors.items()}
+        arrays["counts"] = np.empty((num_rows, 3), np.int64)
+        return tensors, arrays
+
+    def _assemble_chunk(self, row_ptr: np.ndarray, row_docs: np.ndarray, rows: np.ndarray) -> list[Batch]:
+        tensors, arrays = self._allocate(len(rows))
+        self._impl.assemble(row_ptr, row_docs, self.eff_len, np.ascontiguousarray(rows, dtype=np.int64), arrays)
+        counts = arrays["counts"].tolist()  # host-side numpy, not a device sync
+        return [
+            Batch(
+                input_ids=tensors["input_ids"][i], position_ids=tensors["position_ids"][i],
+                labels=tensors["labels"][i], cu_seqlens=tensors["cu_seqlens"][i], max_seqlen=self.seq_len,
+                loss_positions=tensors["loss_positions"][i], num_loss_tokens=counts[i][0], num_tokens=counts[i][1],
+                num_docs=counts[i][2],
+            )
+            for i in range(len(rows))
+        ]
+
+    def _batches(self, row_ptr: np.ndarray, row_docs: np.ndarray, rows: np.ndarray):
+        for start in range(0, len(rows), ROWS_PER_CALL):
+            yield from self._assemble_chunk(row_ptr, row_docs, rows[start:start + ROWS_PER_CALL])
+
+    # ----------------------------------------------------------------------------------------------- iteration
+
+    def __iter__(self):
+        if self._index >= len(self):  # a state saved right after the last batch of an epoch
+            self.epoch += 1
+            self._index = 0
+        epoch = self.epoch
+        row_ptr, row_docs = self.plan(epoch)  # here, not in the thread: planning errors surface at once
+        batches = self._batches(row_ptr, row_docs, self.rank_rows(epoch)[self._index:])
+        source = batches if self.prefetch == 0 else _Prefetcher(batches, self.prefetch)
+        try:
+            for batch in source:
+                self._index += 1
+                yield batch
+        finally:
+            if isinstance(source, _Prefetcher):
+                source.close()
+        self.epoch = epoch + 1
+        self._index = 0
+
+    # -------------------------------------------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict:
+        return dict(version=_STATE_VERSION, epoch=self.epoch, index=self._index, seed=self.seed,
+                    fingerprint=self._fingerprint, config=dict(self._config))
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"epoch", "index", "fingerprint"} - set(state)
+        if missing:
+            raise ValueError(f"PackedLoader.load_state_dict: state is missing {sorted(missing)}")
+        if state["fingerprint"] != self._fingerprint:
+            theirs = state.get("config", {})
+            diff = {k: (theirs.get(k), v) for k, v in self._config.items() if theirs.get(k) != v}
+            raise ValueError(
+                "PackedLoader.load_state_dict: the state comes from a different loader configuration or dataset "
+                f"(field: (saved, now) = {diff}); resume with the same data and loader settings"
+            )
+        self.epoch, self._index = int(state["epoch"]), int(state["index"])
+        if not 0 <= self._index <= len(self):
+            raise ValueError(f"PackedLoader.load_state_dict: index {self._index} outside epoch of {len(self)} batches")
+
+
+class _Prefetcher:
+    """Runs a batch generator in a daemon thread, `depth` batches ahead. Exceptions re-raise in the consumer;
+    `close()` stops the thread promptly (it polls a stop flag while the queue is full)."""
+
+    _DONE = object()
+
+    def __init__(self, batches, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(batches,), name="fastsft-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_QUEUE_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, batches) -> None:
+        try:
+            for batch in batches:
+                if not self._put(batch):
+                    return
+            self._put(self._DONE)
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+            self._put(e)
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item  # the original error, with the prefetch thread's traceback
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
