@@ -52,8 +52,8 @@ class ModelSection:
 class DataSection:
     train_files: list = _opt([], "training data: .jsonl/.json files (prepared on the fly, cached by content hash) or one prepared directory")
     val_files: list = _opt([], "validation data files; empty = the prepared directory's val split (see val_fraction)")
-    format: str = _opt("auto", "record format of the data files: auto, alpaca, messages, sharegpt, prompt_completion, text")
-    train_on: str = _opt("assistant", "which tokens carry loss: assistant (responses only) or all", ("assistant", "all"))
+    format: str = _opt("auto", "record format of the data files: auto (detected per file), alpaca, messages, sharegpt, prompt-completion, text", ("auto", "alpaca", "messages", "sharegpt", "prompt-completion", "text"))
+    train_on: str = _opt("all", "conversations: all = every assistant turn carries loss, last = only the final one (prompts never do)", ("all", "last"))
     val_fraction: float = _opt(0.0, "fraction of the training records held out for validation when no val_files are given")
     seq_len: int = _opt(2048, "tokens per packed row (one micro-batch)")
     max_docs: int = _opt(64, "most documents packed into one row")

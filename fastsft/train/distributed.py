@@ -1,0 +1,196 @@
+"""Beyond one device: process group from torchrun's environment, FSDP2 sharding, host-side count all-reduce, sharded
+checkpoints (torch.distributed.checkpoint) and full-weight gathering for export.
+
+Sits between model construction and the trainer loop (`fastsft.train.trainer`): the model itself knows nothing of
+distribution; `shard_model` applies `torch.distributed.fsdp.fully_shard` to each transformer block and then the root
+from outside (as torchtitan does).
+
+Launch: `torchrun --nproc_per_node 8 -m fastsft train ...` (or `fastsft train` started by torchrun: RANK/WORLD_SIZE
+in the environment turn this on). Multi-node, the same command on every node with torchrun's rendezvous flags:
+
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank <0|1> --rdzv_backend c10d \\
+             --rdzv_endpoint <host of node 0>:29500 --rdzv_id <any job id> -m fastsft train --config run.yaml
+
+(or `--master_addr/--master_port` with a static `--node_rank`). OUT must be on a filesystem every node sees: the
+sharded checkpoint is written by every rank into one directory.
+
+Loss equivalence: each rank's loss is its summed token loss divided by the GLOBAL count of supervised tokens of the
+optimizer step (all micro-batches, all ranks); FSDP's gradient reduction is set to a plain sum (divide factor 1), so
+the summed gradient equals the gradient of the one-device loss over the same tokens. The counts are host integers the
+loader already knows; they are all-reduced over a gloo group on CPU tensors, so no device sync is needed.
+
+Backends: nccl on CUDA (plus a gloo group for the host counts), gloo on CPU. FSDP2 runs on CPU with gloo in this
+torch build (the 2-process test in tests/test_distributed.py runs it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: rank, world size, its device; `enabled` is False for a plain one-process run."""
+
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    host_group: object = None  # gloo process group for CPU-tensor collectives (the default group on CPU runs)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cuda' without CUDA is an error."""
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialize the process group when launched by torchrun with WORLD_SIZE > 1; else a one-process DistInfo."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return DistInfo(device=pick_device(device_preference))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(device_preference, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return DistInfo(True, rank, world_size, local_rank, device, backend, host_group)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier(group=info.host_group)
+
+
+def all_reduce_host(values: list[float], info: DistInfo) -> list[float]:
+    """Sum a few host numbers over all ranks (CPU tensor, gloo: no device sync). Identity on one process."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=info.host_group)
+    return t.tolist()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a device tensor over ranks (used once per logging interval / evaluation)."""
+    if info.enabled:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's Python object on every rank (small things: a checkpoint path, a prepared data directory)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=info.host_group)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """fully_shard each transformer block, then the root (embeddings, final norm, head), in place.
+
+    param_dtype: compute dtype of the all-gathered parameters (bf16 on GPU); gradients are reduced in fp32 and the
+    sharded master parameters keep the model's dtype. The gradient reduction is a SUM (see the module docstring).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = list(model.layers)
+    for i, block in enumerate(blocks):
+        # The last block is gathered again right away by backward, so keeping it unsharded saves one all-gather.
+        fully_shard(block, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mp_policy=mp_policy)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model + optimizer through torch.distributed.checkpoint: every rank writes its shards into `directory`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a save_sharded checkpoint into an already sharded model (and optimizer), resharding as needed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_sharded_into_full_model(directory: Path, model: torch.nn.Module) -> None:
+    """One process, no process group: read a sharded checkpoint's model weights into an unsharded model (export)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    model.load_state_dict(state["model"])
+
+
+def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict:
+    """Full (unsharded) model weights on CPU: gathered onto rank 0 when sharded (other ranks get {})."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    return state if info.is_main else {}

@@ -1,0 +1,66 @@
+"""`fastsft export`: a fastsft checkpoint -> a Hugging Face model directory with its tokenizer.
+
+Sits after training: `fastsft export --checkpoint OUT/checkpoint-00001000 --out my-model` writes config.json,
+generation_config.json, model.safetensors (or shards + index) and the tokenizer files, which
+`transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline. --checkpoint may
+also be a run directory (OUT): its newest checkpoint is exported. Sharded (torchrun) checkpoints are gathered into
+full weights in this one process (torch.distributed.checkpoint, no process group needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest checkpoint inside a run directory."""
+    from fastsft.train import checkpoint as ckpt
+
+    path = Path(path)
+    if (path / ckpt.STATE_JSON).is_file():
+        return path
+    latest = ckpt.latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"--checkpoint {path}: neither a fastsft checkpoint (no {ckpt.STATE_JSON}) nor a run "
+                                f"directory holding {ckpt.PREFIX}* checkpoints")
+    return latest
+
+
+def export_checkpoint(checkpoint, out, dtype: str = "auto", max_shard_size: str = "5GB", tokenizer=None) -> Path:
+    """Write `checkpoint` as a Hugging Face model directory at `out`; returns `out`."""
+    import torch
+
+    from fastsft.generate import load_model, load_tokenizer_for
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    model = load_model(checkpoint, device="cpu")
+    tok = load_tokenizer_for(checkpoint, tokenizer)
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    out = Path(out)
+    model.save_pretrained(out, max_shard_size=max_shard_size, dtype=torch_dtype)
+    tok.save_pretrained(out)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoint directory (OUT/checkpoint-<step>) or a run directory (its newest one)")
+    parser.add_argument("--out", required=True, metavar="HF_DIR", help="where to write the Hugging Face model")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of the saved weights (auto: as trained)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to save with it, if not the checkpoint's")
+
+
+def run(args) -> int:
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastsft export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out} (load with transformers "
+          f"AutoModelForCausalLM.from_pretrained('{out}') and AutoTokenizer.from_pretrained('{out}'))")
+    return 0
