@@ -1,0 +1,215 @@
+"""Causal attention over a packed row of documents (varlen): the one place the model's attention math happens.
+
+Sits inside every transformer block (`fastsft.model.Attention`): q [T, Hq, D], k/v [T, Hkv, D] for one packed row of
+T tokens, with `cu_seqlens` (the batch contract's fixed-length document offsets, unused tail entries repeating the last
+offset) saying where each document starts and ends. Tokens attend only to earlier tokens of their own document.
+
+Backends, picked automatically in this order and overridable (the `backend` argument, else the environment variable
+FASTSFT_ATTENTION=flash|torch_varlen|sdpa|loop); the choice is logged once per (device type, backend):
+- "flash":        flash-attn's `flash_attn_varlen_func` (CUDA, when the package is installed). GQA natively.
+- "torch_varlen": `torch.nn.attention.varlen.varlen_attn` (PyTorch 2.10+, CUDA; FlashAttention inside PyTorch).
+                  GQA through its `enable_gqa` flag when the installed version has it, else kv heads are expanded.
+- "sdpa":         `scaled_dot_product_attention` with a block-diagonal causal mask built on the device from
+                  `cu_seqlens` (segment ids by searchsorted: no host sync, fixed shapes). O(T^2) memory for the
+                  mask: the CPU path and a fallback, not the fast one.
+- "loop":         a per-document loop with explicit softmax(q k^T) v in fp32. Reads `cu_seqlens` on the host:
+                  a test reference only, never picked automatically.
+Empty segments (repeated offsets) are harmless in every backend: they own no tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("flash", "torch_varlen", "sdpa", "loop")
+ENV_VAR = "FASTSFT_ATTENTION"
+
+_logged_choices: set[tuple[str, str]] = set()
+
+
+def _import_flash_attn_varlen_func():
+    """flash-attn's varlen entry point, or None when the package is absent or broken."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # ImportError, or a wheel built against another torch (undefined symbol)
+        return None
+    return flash_attn_varlen_func
+
+
+def _import_torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:  # PyTorch < 2.10
+        return None
+    return varlen_attn
+
+
+# Resolved once at import: the traced attention code then only reads module globals (dynamo-friendly).
+FLASH_ATTN_VARLEN_FUNC = _import_flash_attn_varlen_func()
+TORCH_VARLEN_ATTN = _import_torch_varlen_attn()
+_TORCH_VARLEN_PARAMS = frozenset(inspect.signature(TORCH_VARLEN_ATTN).parameters) if TORCH_VARLEN_ATTN else frozenset()
+
+
+def available_backends(device_type: str) -> list[str]:
+    """Backends usable on this device type, fastest first."""
+    names = []
+    if device_type == "cuda" and FLASH_ATTN_VARLEN_FUNC is not None:
+        names.append("flash")
+    if device_type == "cuda" and TORCH_VARLEN_ATTN is not None:
+        names.append("torch_varlen")
+    return names + ["sdpa", "loop"]
+
+
+# Run once per trace under torch.compile and baked in as a constant: dynamo cannot trace logging calls, and the
+# choice depends only on the device type and the environment, never on tensor values.
+@torch._dynamo.assume_constant_result
+def select_backend(device_type: str, requested: str | None = None) -> str:
+    """The backend for `device_type`: `requested`, else $FASTSFT_ATTENTION, else the fastest available."""
+    source = "argument"
+    if requested is None:
+        requested = os.environ.get(ENV_VAR, "").strip().lower() or None
+        source = f"${ENV_VAR}"
+    usable = available_backends(device_type)
+    if requested is None:
+        choice = usable[0]
+    elif requested not in BACKENDS:
+        raise ValueError(f"attention backend {requested!r} (from {source}) is not one of {', '.join(BACKENDS)}")
+    elif requested not in usable:
+        raise ValueError(
+            f"attention backend {requested!r} (from {source}) is not usable on {device_type}: usable here are "
+            f"{', '.join(usable)} (flash needs CUDA and `pip install flash-attn`; torch_varlen needs CUDA and "
+            f"PyTorch 2.10+)"
+        )
+    else:
+        choice = requested
+    if (device_type, choice) not in _logged_choices:
+        _logged_choices.add((device_type, choice))
+        logger.info("fastsft attention on %s: %s backend", device_type, choice)
+    return choice
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    backend: str | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention within each document of a packed row. q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv),
+    cu_seqlens [N + 1] int32 with cu_seqlens[-1] == T; returns [T, Hq, D] in q's dtype. scale defaults to D^-0.5."""
+    _check_shapes(q, k, v, cu_seqlens)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    choice = select_backend(q.device.type, backend)
+    if choice == "flash":
+        return _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if choice == "torch_varlen":
+        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if choice == "sdpa":
+        return sdpa_attention(q, k, v, cu_seqlens, causal, scale)
+    return loop_attention(q, k, v, cu_seqlens, causal, scale)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"varlen_attention wants q, k, v as [T, heads, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, and "
+                         f"share T and D with q")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+
+
+def expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """[T, Hkv, D] -> [T, Hq, D], each kv head repeated for its group of query heads (GQA as plain attention)."""
+    groups = num_q_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def segment_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[T] index of the segment each position lies in. Counting the document ends <= t gives it; repeated tail
+    offsets (empty segments) equal T, so they never count. On the device, no host sync."""
+    positions = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
+def block_diagonal_mask(cu_seqlens: torch.Tensor, num_tokens: int, causal: bool = True) -> torch.Tensor:
+    """[T, T] bool: True where query i may attend to key j (same segment, and j <= i when causal)."""
+    seg = segment_ids(cu_seqlens, num_tokens)
+    mask = seg[:, None] == seg[None, :]
+    if causal:
+        mask = mask & torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=seg.device).tril()
+    return mask
+
+
+def sdpa_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """SDPA over the whole row with a block-diagonal (causal) mask. Every query sees at least itself, so no row
+    of the mask is empty and no NaN appears."""
+    num_tokens, num_heads, _ = q.shape
+    mask = block_diagonal_mask(cu_seqlens, num_tokens, causal)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+        enable_gqa=k.shape[1] != num_heads,
+    )
+    return out.transpose(0, 1)
+
+
+def loop_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """Reference: each document on its own, softmax(q k^T * scale) v computed explicitly in fp32. Host sync on
+    cu_seqlens (tests only)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+    out = torch.zeros_like(q)
+    offsets = cu_seqlens.tolist()
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        if end <= start:
+            continue
+        qd, kd, vd = (t[start:end].transpose(0, 1).float() for t in (q, k, v))  # [H, L, D]
+        scores = qd @ kd.transpose(1, 2) * scale
+        if causal:
+            length = end - start
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, -math.inf)
+        out[start:end] = (scores.softmax(-1) @ vd).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    cu = cu_seqlens.to(torch.int32)
+    return FLASH_ATTN_VARLEN_FUNC(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale,
+                                  causal=causal)
+
+
+def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    params = _TORCH_VARLEN_PARAMS
+    cu = cu_seqlens.to(torch.int32)
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:
+        raise ValueError("this PyTorch's varlen_attn has no scale argument; use FASTSFT_ATTENTION=sdpa or flash")
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+    # PyTorch 2.10 took is_causal= (and no scale or GQA); 2.12+ express causality as window_size=(-1, 0).
+    if "is_causal" in params:
+        kwargs["is_causal"] = causal
+    elif causal:
+        kwargs["window_size"] = (-1, 0)
+    return TORCH_VARLEN_ATTN(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
