@@ -111,7 +111,7 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -40,8 +40,12 @@ def add_rms_norm_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the sum is formed in fp32, rounded to x.dtype, and that stored sum
     is what gets normalised (see the module docstring)."""
-    s = (x.float() + residual.float()).to(x.dtype)
-    return rms_norm_reference(s, weight, eps, offset), s
+    s32 = x.float() + residual.float()
+    # Value: the stored (rounded) sum. Gradient: straight into the fp32 sum, so the normalisation's gradient and
+    # the sum output's gradient meet in fp32 and are rounded once, as in the kernel (autograd would otherwise add
+    # them in x.dtype after rounding each).
+    s = s32 + (s32.to(x.dtype).float() - s32).detach()
+    return rms_norm_reference(s, weight, eps, offset).to(x.dtype), s.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
