@@ -252,13 +252,17 @@ def _cross_entropy_backward(ctx, grad_losses, _grad_lse):
 _cross_entropy_fwd.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
 
 
-def _grad_buffer(like: torch.Tensor | None, wanted: bool) -> torch.Tensor:
+def _grad_buffer(like: torch.Tensor | None, wanted: bool, device: torch.device) -> torch.Tensor:
     """A gradient output shaped like `like`, or an empty placeholder when that gradient is not computed."""
-    if like is None:
-        return torch.empty(0)
-    if not wanted:
-        return like.new_empty(0)
-    return torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    if like is None or not wanted:
+        return torch.empty(0, device=device)
+    return torch.empty(like.shape, device=device, dtype=like.dtype)
+
+
+def _grad_buffers(hidden, weight, bias, grad_hidden: bool, grad_weight: bool, grad_bias: bool):
+    device = hidden.device
+    return (_grad_buffer(hidden, grad_hidden, device), _grad_buffer(weight, grad_weight, device),
+            _grad_buffer(bias, grad_bias, device))
 
 
 @torch.library.custom_op("fastsft::linear_cross_entropy_sum", mutates_args=())
@@ -270,8 +274,7 @@ def _linear_cross_entropy_sum(
 
     grad_bias = grad_bias and bias is not None
     losses, lse, hits = _per_row(hidden), _per_row(hidden), _per_row(hidden, torch.int32)
-    dhidden, dweight, dbias = (_grad_buffer(hidden, grad_hidden), _grad_buffer(weight, grad_weight),
-                               _grad_buffer(bias, grad_bias))
+    dhidden, dweight, dbias = _grad_buffers(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
     kernels.fused_forward(
         hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, softcap, losses, lse, hits,
         dhidden if grad_hidden else None, dweight if grad_weight else None, dbias if grad_bias else None,
@@ -282,9 +285,8 @@ def _linear_cross_entropy_sum(
 @_linear_cross_entropy_sum.register_fake
 def _(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, softcap, grad_hidden, grad_weight,
       grad_bias):
-    grad_bias = grad_bias and bias is not None
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty((), dtype=torch.int64),
-            _grad_buffer(hidden, grad_hidden), _grad_buffer(weight, grad_weight), _grad_buffer(bias, grad_bias))
+            *_grad_buffers(hidden, weight, bias, grad_hidden, grad_weight, grad_bias))
 
 
 def _linear_cross_entropy_sum_setup(ctx, inputs, output):
@@ -340,8 +342,7 @@ def _linear_cross_entropy_rows_bwd(
     from fastsft.kernels import linear_cross_entropy as kernels
 
     grad_bias = grad_bias and bias is not None
-    dhidden, dweight, dbias = (_grad_buffer(hidden, grad_hidden), _grad_buffer(weight, grad_weight),
-                               _grad_buffer(bias, grad_bias))
+    dhidden, dweight, dbias = _grad_buffers(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
     kernels.fused_backward(
         grad_losses, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, z_loss, softcap,
         dhidden if grad_hidden else None, dweight if grad_weight else None, dbias if grad_bias else None,
@@ -352,8 +353,7 @@ def _linear_cross_entropy_rows_bwd(
 @_linear_cross_entropy_rows_bwd.register_fake
 def _(grad_losses, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, z_loss, softcap, grad_hidden,
       grad_weight, grad_bias):
-    grad_bias = grad_bias and bias is not None
-    return _grad_buffer(hidden, grad_hidden), _grad_buffer(weight, grad_weight), _grad_buffer(bias, grad_bias)
+    return _grad_buffers(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
 
 def _linear_cross_entropy_rows_setup(ctx, inputs, output):
