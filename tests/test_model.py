@@ -1,0 +1,307 @@
+"""fastsft.model against transformers: logits, loss and gradients of the four supported architectures, packing
+without leakage, Hugging Face checkpoints in and out (single file and sharded), config errors, generation.
+
+The reference is transformers' own *ForCausalLM built from a tiny random config (weights re-drawn with a larger
+spread and random norm gains so every parameter matters), saved with save_pretrained and loaded by
+Transformer.from_pretrained. fp32 on CPU; comparisons by relative error.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch
+from fastsft.model import ModelConfig, Transformer, generate, hf_key_map
+
+VOCAB = 96
+SMALL = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+
+ARCHS = {
+    "llama-gqa-llama3rope": (LlamaConfig, LlamaForCausalLM, dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "llama-tied-bias": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, attention_bias=True,
+                                                             num_key_value_heads=4)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
+    "qwen2-linear-rope": (Qwen2Config, Qwen2ForCausalLM, dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "qwen3-tied": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=True, num_key_value_heads=1)),
+}
+
+
+def make_batch(docs, seq_len, max_docs=4, bucket=None, supervised=None) -> Batch:
+    """Pack token lists into one row of the batch contract (fastsft/data/batch.py), written from its docstring:
+    documents back to back, padding tail as its own segment, labels shifted within each document, loss_positions
+    padded with -1. supervised[i][t] says whether token t of document i carries loss (default: all but the first)."""
+    used = sum(len(d) for d in docs)
+    assert used <= seq_len and len(docs) <= max_docs
+    input_ids = torch.full((seq_len,), PAD_ID, dtype=torch.int64)
+    position_ids = torch.zeros(seq_len, dtype=torch.int32)
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.int64)
+    ends, start = [], 0
+    for i, doc in enumerate(docs):
+        n = len(doc)
+        input_ids[start:start + n] = torch.tensor(doc)
+        position_ids[start:start + n] = torch.arange(n, dtype=torch.int32)
+        for t in range(n - 1):
+            if supervised is None or supervised[i][t + 1]:
+                labels[start + t] = doc[t + 1]
+        start += n
+        ends.append(start)
+    if used < seq_len:
+        position_ids[used:] = torch.arange(seq_len - used, dtype=torch.int32)
+        ends.append(seq_len)
+    cu = [0] + ends + [seq_len] * (max_docs + 1 - len(ends))
+    positions = (labels != IGNORE_INDEX).nonzero().flatten()
+    bucket = seq_len if bucket is None else bucket
+    loss_positions = torch.full((bucket,), LOSS_POSITION_FILL, dtype=torch.int32)
+    loss_positions[: len(positions)] = positions.to(torch.int32)
+    return Batch(input_ids=input_ids, position_ids=position_ids, labels=labels,
+                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=seq_len, loss_positions=loss_positions,
+                 num_loss_tokens=len(positions), num_tokens=used, num_docs=len(docs))
+
+
+def random_docs(lengths, vocab=VOCAB, generator=None):
+    return [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def spread_weights(model: torch.nn.Module, std: float = 0.15) -> None:
+    """Re-draw every parameter: larger spread than the 0.02 init so logits differ, norm gains around 1."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(std * torch.randn_like(p))
+
+
+def hf_model(arch, tmp_path):
+    config_cls, model_cls, overrides = ARCHS[arch]
+    config = config_cls(**{**SMALL, **overrides})
+    model = model_cls(config).float()
+    spread_weights(model)
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def single_row(ids):
+    n = len(ids)
+    return dict(input_ids=torch.tensor(ids), position_ids=torch.arange(n, dtype=torch.int32),
+                cu_seqlens=torch.tensor([0, n], dtype=torch.int32), max_seqlen=n)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_logits_loss_grads_match_transformers(arch, tmp_path):
+    hf = hf_model(arch, tmp_path)
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    assert ours.config.model_type == hf.config.model_type
+    ids = random_docs([29])[0]
+
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([ids])).logits[0]
+        our_logits = ours.logits(**single_row(ids))
+    assert rel_err(our_logits, ref_logits) < 1e-4
+
+    ref_loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    ref_loss.backward()
+    our_loss = ours.loss(make_batch([ids], seq_len=len(ids)))
+    our_loss.backward()
+    assert rel_err(our_loss, ref_loss) < 1e-4
+    hf_params = dict(hf.named_parameters())
+    for ours_name, hf_name in hf_key_map(ours.config).items():
+        assert rel_err(ours.get_parameter(ours_name).grad, hf_params[hf_name].grad) < 1e-4, ours_name
+
+
+def test_packed_row_equals_documents_one_by_one(tmp_path):
+    hf_model("qwen3-tied", tmp_path)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    docs = random_docs([11, 1, 17])
+    batch = make_batch(docs, seq_len=36)  # 7 padding tokens: the tail is its own segment
+    packed = model(**batch.model_inputs())
+    start = 0
+    for doc in docs:
+        alone = model(**single_row(doc))
+        assert rel_err(packed[start:start + len(doc)], alone) < 1e-5
+        start += len(doc)
+    # The summed loss of the row is the sum of the documents' summed losses.
+    total = model.loss(batch, num_items=1)
+    separate = sum(model.loss(make_batch([d], seq_len=len(d)), num_items=1) for d in docs if len(d) > 1)
+    assert rel_err(total, separate) < 1e-5
+
+
+def test_loss_uses_only_supervised_positions(tmp_path):
+    hf = hf_model("llama-gqa-llama3rope", tmp_path)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    doc = random_docs([20])[0]
+    mask = [t >= 8 for t in range(20)]  # a prompt of 8 tokens without loss
+    batch = make_batch([doc], seq_len=24, supervised=[mask], bucket=16)
+    labels = torch.tensor([-100] * 8 + doc[8:])
+    ref = hf(torch.tensor([doc]), labels=labels[None]).loss
+    loss, correct = model.loss(batch, return_num_correct=True)
+    assert batch.num_loss_tokens == 12
+    assert rel_err(loss, ref) < 1e-4
+    with torch.no_grad():
+        logits = hf(torch.tensor([doc])).logits[0, 7:19]
+    assert correct.item() == (logits.argmax(-1) == torch.tensor(doc[8:])).sum().item()
+
+
+@pytest.mark.parametrize("arch", ["llama-tied-bias", "qwen2-linear-rope", "qwen3-tied", "mistral"])
+def test_save_loads_in_transformers_and_round_trips(arch, tmp_path):
+    hf = hf_model(arch, tmp_path)
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert type(reloaded) is type(hf)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = torch.tensor([random_docs([19])[0]])
+    with torch.no_grad():
+        assert torch.equal(reloaded.float()(ids).logits, hf(ids).logits)
+    # Tensors written by us equal transformers' own file byte for byte; load + save again changes nothing.
+    ours_tensors = load_file(tmp_path / "ours" / "model.safetensors")
+    hf_tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert ours_tensors.keys() == hf_tensors.keys()
+    Transformer.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for name, tensor in ours_tensors.items():
+        assert tensor.dtype == again[name].dtype == hf_tensors[name].dtype
+        assert tensor.numpy().tobytes() == again[name].numpy().tobytes() == hf_tensors[name].numpy().tobytes()
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == hf.config.model_type and config["torch_dtype"] == "float32"
+
+
+def test_sharded_save_and_load(tmp_path):
+    hf = hf_model("llama-gqa-llama3rope", tmp_path)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.tensor([random_docs([13])[0]])
+    with torch.no_grad():
+        assert torch.equal(reloaded.float()(ids).logits, hf(ids).logits)
+    ours_again = Transformer.from_pretrained(tmp_path / "sharded")
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, ours_again.state_dict()[name]), name
+
+
+def test_save_is_atomic_and_keeps_other_files(tmp_path):
+    model = Transformer.from_config(dict(SMALL), seed=1)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+    (target / "model-00001-of-00009.safetensors").write_text("stale shard")
+    model.save_pretrained(target, dtype=torch.bfloat16)
+    names = sorted(p.name for p in target.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
+    loaded = Transformer.from_pretrained(target)
+    assert loaded.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_from_config_random_init_like_transformers():
+    model = Transformer.from_config(dict(SMALL, initializer_range=0.05), seed=3)
+    again = Transformer.from_config(dict(SMALL, initializer_range=0.05), seed=3)
+    for (name, p), q in zip(model.named_parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    w = model.layers[0].mlp.up_proj.weight
+    assert abs(w.std().item() - 0.05) < 0.005 and abs(w.mean().item()) < 0.005
+    assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+    hf = LlamaForCausalLM(LlamaConfig(**SMALL))
+    assert model.num_parameters() == hf.num_parameters()
+    assert model.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
+    assert set(model.state_dict()) == set(hf_key_map(model.config))
+
+
+def test_flops_per_token():
+    model = Transformer.from_config(dict(SMALL, tie_word_embeddings=True))
+    h, v, layers = SMALL["hidden_size"], SMALL["vocab_size"], SMALL["num_hidden_layers"]
+    per_layer = h * 4 * 16 + 2 * (h * 2 * 16) + 4 * 16 * h + 3 * h * SMALL["intermediate_size"]  # q, k+v, o, mlp
+    matmul_weights = layers * per_layer + v * h  # + the tied lm_head matmul
+    assert model.flops_per_token(100) == 6 * matmul_weights + 6 * layers * 4 * 16 * 100 + 6 * (layers * 2 + 1) * h
+
+
+def test_bf16_autocast_close_to_fp32(tmp_path):
+    hf_model("qwen2-linear-rope", tmp_path)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    batch = make_batch(random_docs([12, 9]), seq_len=24)
+    ref = model.loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.loss(batch)
+    assert torch.isfinite(low) and rel_err(low, ref) < 3e-2
+
+
+def test_generate_greedy_matches_transformers(tmp_path):
+    hf = hf_model("llama-gqa-llama3rope", tmp_path)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    prompt = random_docs([7])[0]
+    ours = generate(model, prompt, max_new_tokens=6)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == ref
+
+
+def test_config_errors_name_field_and_supported(tmp_path):
+    base = LlamaConfig(**SMALL).to_dict()
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported: llama, mistral, qwen2"):
+        ModelConfig.from_hf_config({**base, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="'yarn' is not supported; supported: none/default, linear, llama3"):
+        ModelConfig.from_hf_config({**base, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        ModelConfig.from_hf_config({**base, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        ModelConfig.from_hf_config({**base, "num_key_value_heads": 3})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}')
+    with pytest.raises(ValueError, match=r"config.json, line 3, column 3: invalid JSON"):
+        Transformer.from_pretrained(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        Transformer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_legacy_rope_config_reads_the_same():
+    """transformers 4.x wrote rope_theta + rope_scaling; 5.x writes rope_parameters: both give the same config."""
+    legacy = {**SMALL, "model_type": "llama", "rope_theta": 5e5, "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}}
+    modern = {**SMALL, "model_type": "llama", "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}}
+    assert ModelConfig.from_hf_config(legacy) == ModelConfig.from_hf_config(modern)
+
+
+def test_missing_and_unexpected_weights_are_listed(tmp_path):
+    hf_model("llama-gqa-llama3rope", tmp_path)
+    from safetensors.torch import save_file
+
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.7.mlp.up_proj.weight"] = torch.randn(2, 2)
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing model.layers.1.mlp.up_proj.weight; "
+                                         r"unexpected model.layers.7.mlp.up_proj.weight"):
+        Transformer.from_pretrained(tmp_path / "hf")
+
+
+def test_sliding_window_shorter_than_rows_is_an_error(tmp_path):
+    model = Transformer.from_config({**SMALL, "model_type": "mistral", "sliding_window": 16})
+    batch = make_batch(random_docs([10]), seq_len=32)
+    with pytest.raises(ValueError, match="sliding_window=16 but max_seqlen=32"):
+        model.loss(batch)
+    model.loss(make_batch(random_docs([10]), seq_len=16))  # rows within the window are exact
