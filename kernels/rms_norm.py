@@ -24,7 +24,10 @@ import triton.language as tl
 
 # Largest hidden size one program holds in registers (the whole row is one block).
 MAX_HIDDEN = 65536
-# Persistent backward grid size when there is no GPU (the interpreter runs programs one after another).
+# Persistent backward grid: programs per SM on a GPU (one, as planned; not yet tuned on hardware: more programs
+# per SM would raise occupancy for small hidden sizes at the cost of more dweight partials), and the count when
+# there is no GPU (the interpreter runs programs one after another).
+PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 4
 
 
@@ -117,9 +120,11 @@ def _sm_count(device_index: int) -> int:
 
 
 def persistent_programs(device: torch.device, n_rows: int) -> int:
-    """Backward grid size: one program per SM on a GPU, a few under the interpreter; never more than rows."""
-    programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else INTERPRETER_PROGRAMS
+    """Backward grid size: PROGRAMS_PER_SM per SM on a GPU, a few under the interpreter; never more than rows."""
+    if device.type == "cuda":
+        programs = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        programs = INTERPRETER_PROGRAMS
     return max(1, min(programs, n_rows))
 
 

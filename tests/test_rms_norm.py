@@ -142,6 +142,13 @@ def test_strided_inputs(triton_interpret):
     assert_matches(dx, dx64, torch.float32, "dx")
     assert_matches(dw, dw64, torch.float32, "dweight")
 
+    # Gradients with stride 0: `.sum().backward()` hands in an expanded scalar, a broadcast row has row stride 0.
+    for dy in (torch.ones(()).expand(9, 96), torch.randn(96).expand(9, 96)):
+        _, _, dx, _, dw = run_op(x, None, weight, dy, None, 1e-6, 0.0)
+        _, _, dx64, dw64 = float64_expected(x, None, weight, dy.contiguous(), None, 1e-6, 0.0)
+        assert_matches(dx, dx64, torch.float32, "dx (stride-0 dy)")
+        assert_matches(dw, dw64, torch.float32, "dweight (stride-0 dy)")
+
     xt = torch.randn(96, 9).t()
     assert xt.stride(-1) != 1
     torch.testing.assert_close(rms_norm(xt, weight), rms_norm_reference(xt, weight), rtol=1e-5, atol=1e-6)
@@ -189,12 +196,13 @@ def _block(x, residual, w1, w2):
     return rms_norm(h2 + s2, w1)
 
 
-def _compiled_matches_eager(backend_name):
+def _compiled_matches_eager(backend_name, device="cpu"):
     torch._dynamo.reset()
     args = [torch.randn(2, 5, 96), torch.randn(2, 5, 96), torch.rand(96) + 0.5, torch.rand(96) - 0.5]
+    args = [a.to(device) for a in args]
     eager_args = [a.clone().requires_grad_(True) for a in args]
     compiled_args = [a.clone().requires_grad_(True) for a in args]
-    dout = torch.randn(2, 5, 96)
+    dout = torch.randn(2, 5, 96, device=device)
     out = _block(*eager_args)
     out.backward(dout)
     compiled = torch.compile(_block, fullgraph=True, backend=backend_name)
@@ -311,3 +319,9 @@ def test_gpu_no_host_sync(monkeypatch):
         (rms_norm(y + s, weight).float().sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph(monkeypatch):
+    monkeypatch.setenv("FASTSFT_BACKEND", "triton")
+    _compiled_matches_eager("inductor", device="cuda")
