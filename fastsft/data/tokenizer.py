@@ -119,6 +119,22 @@ def _finish(ids, mask) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def _tokens_covering(encoding, start: int, end: int) -> tuple[int, int]:
+    """Token range [first, last) of a tokenizers Encoding whose characters overlap the span [start, end).
+
+    Token offsets increase along the text, so the overlapping tokens are contiguous: two char_to_token lookups
+    instead of converting every offset. Characters no token covers (a normalizer dropped them) fall back to a scan.
+    """
+    if end <= start:
+        return 0, 0
+    first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+    if first is not None and last is not None:
+        return first, last + 1
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    inside = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start))
+    return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
+
+
 def _trained_turns(messages: list[dict], train_on: str) -> set[int]:
     """Indices of the assistant turns that carry loss."""
     _check_train_on(train_on)
@@ -166,20 +182,21 @@ class ByteTokenizer(Tokenizer):
 
     def encode_conversation(self, messages, train_on="all"):
         trained = _trained_turns(messages, train_on)
-        ids, mask = [self.bos_id], [0]
+        # Built as numpy pieces (one per header, content and turn end) rather than per-token Python lists.
+        pieces, flags, lengths = [np.array([self.bos_id], np.int32)], [0], [1]
         for i, message in enumerate(messages):
             content = np.frombuffer(message["content"].encode("utf-8"), dtype=np.uint8)
             loss = 1 if i in trained else 0
-            ids.append(self.role_ids[message["role"]])
-            mask.append(0)
-            ids.extend(content.tolist())
-            mask.extend([loss] * len(content))
-            ids.append(self.end_id)
-            mask.append(loss)
-        return _finish(ids, mask)
+            pieces += [np.array([self.role_ids[message["role"]]], np.int32), content, np.array([self.end_id], np.int32)]
+            flags += [0, loss, loss]
+            lengths += [1, len(content), 1]
+        ids = np.concatenate(pieces, dtype=np.int32)
+        return _finish(ids, np.repeat(np.array(flags, np.uint8), lengths))
 
     def encode_text(self, text):
-        ids = [self.bos_id, *text.encode("utf-8"), self.eos_id]
+        content = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        ids = np.concatenate([np.array([self.bos_id], np.int32), content, np.array([self.eos_id], np.int32)],
+                             dtype=np.int32)
         return _finish(ids, np.ones(len(ids), dtype=np.uint8))
 
     def prompt_ids(self, messages) -> list[int]:
@@ -287,12 +304,12 @@ class HFTokenizer(Tokenizer):
         trained = _trained_turns(messages, train_on)
         text = self.render(messages)
         spans = [span for k, span in self.assistant_spans(messages, text).items() if k in trained]
-        encoding = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(encoding["input_ids"], dtype=np.int32)
-        offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        encoding = self.tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        ids = np.asarray(encoding.ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=np.uint8)
-        for start, end in spans:  # a token carries loss when its characters overlap an assistant span
-            mask |= ((offsets[:, 0] < end) & (offsets[:, 1] > start)).astype(np.uint8)
+        for start, end in spans:
+            first, last = _tokens_covering(encoding, start, end)
+            mask[first:last] = 1
         return _finish(ids, mask)
 
     def prompt_ids(self, messages) -> list[int]:
@@ -317,8 +334,8 @@ class HFTokenizer(Tokenizer):
             before = self.render(messages[:k], add_generation_prompt=True)
         except DataError:  # e.g. a template that cannot render an empty or system-only prefix
             return None
-        try:
-            through = self.render(messages[: k + 1])
+        try:  # when turn k ends the conversation, its rendering is the whole text
+            through = text if k + 1 == len(messages) else self.render(messages[: k + 1])
         except DataError:
             return None
         if not (through.startswith(before) and text.startswith(through)):
