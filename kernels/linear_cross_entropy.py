@@ -25,6 +25,7 @@ the matmuls and only the loss arithmetic is skipped.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -60,11 +61,27 @@ def plan_chunk_rows(n_rows: int, vocab: int, elem_size: int, budget_bytes: int |
     return max(1, min(rows, n_rows))
 
 
+@functools.cache
+def _cuda_has_fp32_accumulating_addmm(dtype: torch.dtype) -> bool:
+    """Whether this torch's cuBLAS addmm takes 16-bit inputs with an fp32 C and D (`out_dtype`, newer torch only).
+    Asked once per dtype on a 1x1 problem."""
+    acc = torch.zeros(1, 1, device="cuda", dtype=torch.float32)
+    one = torch.ones(1, 1, device="cuda", dtype=dtype)
+    try:
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b for 16-bit a, b, accumulating in fp32 without an fp32 copy of a or b."""
-    if acc.is_cuda:
+    if acc.is_cuda and _cuda_has_fp32_accumulating_addmm(a.dtype):
         # cuBLAS reads and writes the fp32 accumulator directly (bf16/fp16 inputs, fp32 C and D).
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif acc.is_cuda:
+        # Older torch: each chunk's product is rounded to 16 bits once, then summed in fp32.
+        acc += torch.mm(a, b)
     else:
         # CPU (tests, the interpreter) has no mixed-dtype GEMM: upcast; speed does not matter there.
         acc.addmm_(a.float(), b.float())
