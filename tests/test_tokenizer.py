@@ -187,6 +187,15 @@ def test_hf_conversation_mask_by_decoding(hf_dirs, kind):
         assert ids.max() < tok.vocab_size
 
 
+@pytest.mark.parametrize("kind", ["chatml", "thinking"])
+def test_hf_user_quoting_the_answer_is_not_trained(hf_dirs, kind):
+    tok = load_tokenizer(hf_dirs[kind])
+    messages = [{"role": "user", "content": "say fox then dog"}, {"role": "assistant", "content": "fox"},
+                {"role": "user", "content": "now dog"}, {"role": "assistant", "content": "dog"}]
+    ids, mask = tok.encode_conversation(messages)
+    assert loss_runs(tok, ids, mask) == ["fox<|im_end|>", "dog<|im_end|>"]
+
+
 def test_hf_default_system_prompt_is_not_trained(hf_dirs):
     tok = load_tokenizer(hf_dirs["chatml"])
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the dog"}]

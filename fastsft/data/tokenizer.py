@@ -324,7 +324,8 @@ class HFTokenizer(Tokenizer):
                 continue
             span = self._span_by_prefix(messages, k, text)
             if span is None:
-                span = self._span_by_search(message["content"], text, search_from, k)
+                span = self._span_by_search(message["content"], text, self._search_start(messages, k, text,
+                                                                                          search_from), k)
             spans[k] = span
             search_from = span[1]
         return spans
@@ -342,6 +343,14 @@ class HFTokenizer(Tokenizer):
             return None
         start = len(before)
         return start, max(start, len(through.rstrip()))
+
+    def _search_start(self, messages, k, text, search_from) -> int:
+        """Search turn k's content only after the messages before it, so a user turn quoting the answer is skipped."""
+        try:
+            before = self.render(messages[:k])
+        except DataError:
+            return search_from
+        return max(search_from, len(before)) if text.startswith(before) else search_from
 
     def _span_by_search(self, content, text, search_from, k):
         needle = content.strip()
