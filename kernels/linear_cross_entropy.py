@@ -16,6 +16,11 @@ only multiplies them by one scalar: 6 x N x H x V FLOPs in all, the floor). `fus
 logits with lse saved by the forward and per-row upstream gradients (for reduction "none", whose rows can carry
 different weights): 8 x N x H x V FLOPs.
 
+Memory beyond the inputs and the returned gradients: the one [C, V] logits buffer (at most the chunk budget), and,
+when the weight is 16-bit and there is more than one chunk, the fp32 d weight accumulator (V x H x 4 bytes, alive
+during the call; one chunk needs none, fp32 weights accumulate in place). Fewer, larger chunks also mean fewer passes
+of the dW GEMM over that accumulator. The budget is FASTSFT_LCE_CHUNK_MB or DEFAULT_CHUNK_BYTES.
+
 Masked tokens: rows labelled ignore_index skip both kernel sweeps (one scalar load and a zeroed gradient row), but
 they still go through the three matmuls: cuBLAS cannot skip rows without the host knowing how many, and asking would
 be a device-to-host sync. So masked tokens cost nothing only when the caller gathered them out first, which is what

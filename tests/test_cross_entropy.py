@@ -168,10 +168,11 @@ def test_non_contiguous_inputs(triton_interpret):
 
 def test_batched_shape(triton_interpret):
     logits = torch.randn(3, 8, 257)
-    labels = torch.randint(0, 257, (3, 8))
+    labels = torch.randint(0, 257, (3, 8), dtype=torch.int32)  # int32 labels work as well as int64
     labels[:, :3] = IGNORE
     loss, grad = run_op(cross_entropy, logits, labels, "mean")
-    ref_loss, ref_grad = float64_loss_and_grad(logits.reshape(-1, 257), labels.reshape(-1), "mean")
+    ref_loss, ref_grad = float64_loss_and_grad(logits.reshape(-1, 257), labels.reshape(-1).long(), "mean")
+    torch.testing.assert_close(cross_entropy_reference(logits, labels).double(), ref_loss, rtol=1e-5, atol=0)
     assert_loss_close(loss, ref_loss)
     assert grad.shape == logits.shape
     assert_grad_close(grad.reshape(-1, 257), ref_grad, torch.float32)
@@ -315,8 +316,13 @@ def test_gpu_realistic_vocab_sizes(vocab):
     for inplace in (False, True):
         x = logits.clone().requires_grad_()
         z = x * 1  # a non-leaf buffer for the in-place gradient
-        loss = cross_entropy(z, labels, z_loss=1e-4, inplace_backward=inplace)
-        loss.backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync inside the op raises
+        try:
+            loss = cross_entropy(z, labels, z_loss=1e-4, inplace_backward=inplace)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         ref = logits.float().requires_grad_()
         ref_loss = F.cross_entropy(ref, labels, ignore_index=IGNORE, reduction="sum")
         ref_loss = (ref_loss + 1e-4 * (torch.logsumexp(ref, -1).square() * (labels != IGNORE)).sum())

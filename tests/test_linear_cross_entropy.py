@@ -112,10 +112,17 @@ OPTIONS = {
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", list(OPTIONS))
-def test_fp32_matches_float64(triton_interpret, small_chunks, reduction, options):
+def test_fp32_matches_float64(triton_interpret, small_chunks, monkeypatch, reduction, options):
+    from fastsft.kernels import linear_cross_entropy as chunked
+
+    chunk_rows = []  # every logits block the kernel sees: never all N rows at once
+    kernel = chunked.cross_entropy_rows
+    monkeypatch.setattr(chunked, "cross_entropy_rows", lambda logits, *a, **k: (
+        chunk_rows.append(logits.shape[0]), kernel(logits, *a, **k)))
     hidden, weight, bias, labels = random_case()
     row_weights = torch.rand(N) + 0.5
     got = run_op(linear_cross_entropy, hidden, weight, labels, bias, reduction, row_weights, **OPTIONS[options])
+    assert max(chunk_rows) == 16 and sum(chunk_rows) == N * (2 if reduction == "none" else 1)
     ref = float64_reference(hidden, weight, labels, bias, reduction, row_weights, **OPTIONS[options])
     assert_matches_float64(got, ref, torch.float32, reduction)
     if reduction == "none":
@@ -373,8 +380,13 @@ def test_gpu_realistic_shape(masked):
     positions = (labels != IGNORE).nonzero().squeeze(1).to(torch.int32)
     x = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    loss, correct = linear_cross_entropy(x, w, labels, loss_positions=positions, return_num_correct=True)
-    loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync inside the op raises
+    try:
+        loss, correct = linear_cross_entropy(x, w, labels, loss_positions=positions, return_num_correct=True)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     xr = hidden.float().requires_grad_()
     wr = weight.float().requires_grad_()
     logits = xr @ wr.t()

@@ -66,7 +66,7 @@ def _token_losses(
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     valid = labels != ignore_index
-    target = torch.where(valid, labels, torch.zeros_like(labels))
+    target = torch.where(valid, labels, torch.zeros_like(labels)).long()
     lse = torch.logsumexp(z, dim=-1)
     nll = lse - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     loss = nll
