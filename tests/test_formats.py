@@ -169,3 +169,13 @@ def test_data_error_survives_pickling():
     back = pickle.loads(pickle.dumps(err))
     assert str(back) == str(err) == "f.jsonl:4: field 'output': missing"
     assert (back.path, back.line, back.field) == ("f.jsonl", 4, "output")
+
+
+def test_byte_order_mark_and_crlf(tmp_path):
+    rng = random.Random()
+    texts = [random_text(rng) for _ in range(3)]
+    body = "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n"
+    (tmp_path / "crlf.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": t} for t in texts]).encode())
+    for name in ("crlf.jsonl", "bom.json"):
+        assert [d for _, _, d in read_documents(tmp_path / name)] == texts

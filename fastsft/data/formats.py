@@ -100,7 +100,7 @@ def _iter_json_list(path: Path):
     """Walk a JSON list element by element (raw_decode) so each record keeps its line number."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
     except UnicodeDecodeError as e:
         raise DataError(f"not valid UTF-8 at byte {e.start}", path) from None
     decoder = json.JSONDecoder()
