@@ -8,6 +8,9 @@ against each sequence run on its own, and gradient accumulation against one big 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +300,40 @@ def test_trainer_accumulation_equals_one_big_batch(tmp_path):
     accumulated = trainer_losses(fit.apply(copy.deepcopy(model)), tmp_path / "a", batch_size=2, accumulation=2)
     big = trainer_losses(fit.apply(copy.deepcopy(model)), tmp_path / "b", batch_size=4, accumulation=1)
     torch.testing.assert_close(torch.tensor(accumulated), torch.tensor(big), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The examples: each runs end to end on the demo data, and the patch does not change its loss curve.
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    sys.path.insert(0, str(EXAMPLES))  # trl_sft.py imports hf_trainer.py beside it
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def test_hf_trainer_example_same_losses_as_unpatched(tmp_path):
+    pytest.importorskip("accelerate")
+    example = load_example("hf_trainer")
+    argv = ["--steps", "3", "--batch-size", "3", "--accumulation", "2", "--output-dir", str(tmp_path)]
+    fused = example.main(argv)  # padding-free batches
+    plain = example.main([*argv, "--no-fastsft", "--padded"])  # transformers alone, padded batches
+    assert len(fused) == 3 and fused[-1] < fused[0]
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (optional)")
+def test_trl_example_same_losses_as_unpatched(tmp_path):
+    example = load_example("trl_sft")
+    argv = ["--steps", "2", "--batch-size", "3", "--accumulation", "2", "--output-dir", str(tmp_path)]
+    fused = example.main(argv)
+    plain = example.main([*argv, "--no-fastsft"])
+    assert len(fused) == 2
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-5)
