@@ -28,7 +28,8 @@ Custom ops (softcap 0.0 = off; labels any integer dtype; every input already fla
     fastsft::linear_cross_entropy_sum(hidden, weight, labels, bias, ..., grad_hidden, grad_weight, grad_bias)
         -> (sum of losses, num_correct, dhidden, dweight, dbias)
   For reductions "sum" and "mean": the gradients of the summed loss are computed in the forward, chunk by chunk,
-  while each chunk's logits exist (the only time they do); the backward multiplies them by the upstream scalar.
+  while each chunk's logits exist (the only time they do); the backward multiplies them by the upstream scalar (one
+  elementwise pass over d hidden and d weight: without a host sync the op cannot know that scalar is 1).
   Which gradients are computed follows requires_grad at the call (nothing when grad is disabled).
     fastsft::linear_cross_entropy_rows(hidden, weight, labels, bias, ...) -> (losses [M], lse [M], num_correct)
     fastsft::linear_cross_entropy_rows_bwd(grad_losses, hidden, weight, labels, bias, lse, ...) -> (dh, dW, db)
@@ -506,6 +507,8 @@ def linear_cross_entropy(
 
 
 class CrossEntropyLoss(nn.Module):
+    """`cross_entropy` with its options fixed at construction; forward(logits, labels, num_items=None)."""
+
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
                  inplace_backward=False):
         super().__init__()
@@ -519,6 +522,9 @@ class CrossEntropyLoss(nn.Module):
 
 
 class LinearCrossEntropyLoss(nn.Module):
+    """`linear_cross_entropy` with its options fixed at construction; forward(hidden, weight, labels, bias=None,
+    loss_positions=None, num_items=None, return_num_correct=False). Holds no weight: pass the lm_head's."""
+
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
