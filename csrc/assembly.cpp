@@ -11,24 +11,74 @@ namespace fastsft {
 
 namespace {
 
-// One document at position `pos` of a row. Returns the number of supervised positions written to `loss_pos`.
-template <typename Token>
-int64_t fill_document(const Token* tokens, const uint8_t* mask, int64_t length, int64_t pos, int64_t* input_ids,
-                      int32_t* position_ids, int64_t* labels, int32_t* loss_pos) {
-  int64_t* ids = input_ids + pos;
-  int32_t* positions = position_ids + pos;
-  int64_t* lab = labels + pos;
-  for (int64_t t = 0; t < length; ++t) ids[t] = static_cast<int64_t>(tokens[t]);
-  for (int64_t t = 0; t < length; ++t) positions[t] = static_cast<int32_t>(t);
-  for (int64_t t = 0; t + 1 < length; ++t) lab[t] = mask[t + 1] ? static_cast<int64_t>(tokens[t + 1]) : kIgnoreIndex;
-  lab[length - 1] = kIgnoreIndex;
-  // Branch-free compaction: always write, advance only on a supervised position (loss_pos has room for seq_len).
-  int64_t count = 0;
-  for (int64_t t = 0; t + 1 < length; ++t) {
-    loss_pos[count] = static_cast<int32_t>(pos + t);
-    count += mask[t + 1] != 0;  // != 0: a corrupt mask byte must not skip ahead
+// Positions t in [begin, end) with mask[t] != 0, as pos_offset + t - 1 (the label position of target t), appended
+// to out; returns how many. Response spans are contiguous, so 8 mask bytes at a time are usually all 0 or all 1.
+inline int64_t compact_supervised(const uint8_t* __restrict__ mask, int64_t begin, int64_t end, int64_t pos_offset,
+                                  int32_t* __restrict__ out) {
+  constexpr uint64_t kAllOnes = 0x0101010101010101ULL;
+  int64_t count = 0, t = begin;
+  for (; t + 8 <= end; t += 8) {
+    uint64_t chunk;
+    std::memcpy(&chunk, mask + t, 8);
+    if (chunk == 0) continue;
+    const int32_t first = static_cast<int32_t>(pos_offset + t - 1);
+    if (chunk == kAllOnes) {
+      for (int k = 0; k < 8; ++k) out[count + k] = first + k;
+      count += 8;
+      continue;
+    }
+    for (int k = 0; k < 8; ++k) {  // branch-free: always write, advance only on a supervised byte
+      out[count] = first + k;
+      count += mask[t + k] != 0;  // != 0: a corrupt mask byte must not skip ahead
+    }
+  }
+  for (; t < end; ++t) {
+    out[count] = static_cast<int32_t>(pos_offset + t - 1);
+    count += mask[t] != 0;
   }
   return count;
+}
+
+// One document at position `pos` of a row. Returns the number of supervised positions written to `loss_pos`
+// (which has room for the rest of the row). Separate simple loops so each vectorizes.
+template <typename Token>
+int64_t fill_document(const Token* __restrict__ tokens, const uint8_t* __restrict__ mask, int64_t length, int64_t pos,
+                      int64_t* __restrict__ input_ids, int32_t* __restrict__ position_ids,
+                      int64_t* __restrict__ labels, int32_t* __restrict__ loss_pos) {
+  int64_t* __restrict__ ids = input_ids + pos;
+  int32_t* __restrict__ positions = position_ids + pos;
+  int64_t* __restrict__ lab = labels + pos;
+  for (int64_t t = 0; t < length; ++t) ids[t] = static_cast<int64_t>(tokens[t]);
+  for (int64_t t = 0; t < length; ++t) positions[t] = static_cast<int32_t>(t);
+  // labels[t] = tokens[t + 1] where mask[t + 1] else IGNORE: select by an all-ones / all-zeros AND, no branch
+  for (int64_t t = 0; t + 1 < length; ++t) {
+    const int64_t keep = -static_cast<int64_t>(mask[t + 1] != 0);
+    lab[t] = ((static_cast<int64_t>(tokens[t + 1]) - kIgnoreIndex) & keep) + kIgnoreIndex;
+  }
+  lab[length - 1] = kIgnoreIndex;
+  return compact_supervised(mask, 1, length, pos, loss_pos);
+}
+
+constexpr int64_t kPrefetchRows = 2;  // rows of input requested ahead of the one being written
+
+inline void prefetch_bytes(const uint8_t* begin, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(begin + off, 0, 3);
+#endif
+}
+
+// A row's input is scattered over the shards in short documents (a few hundred tokens), too short for the hardware
+// prefetcher to ramp up in: request the next row's bytes while this row is written (measured in bench/bench_loader.py).
+void prefetch_row(const Corpus& corpus, const int64_t* row_ptr, const int64_t* row_docs, const int64_t* eff_len,
+                  int64_t row) {
+  for (int64_t k = row_ptr[row]; k < row_ptr[row + 1]; ++k) {
+    const int64_t doc = row_docs[k];
+    auto [shard, local] = corpus.locate(doc);
+    const ShardView& view = corpus.shards[shard];
+    const int64_t start = view.offsets[local];
+    prefetch_bytes(view.tokens + start * view.itemsize, eff_len[doc] * view.itemsize);
+    prefetch_bytes(view.mask + start, eff_len[doc]);
+  }
 }
 
 void validate_row(const Corpus& corpus, const int64_t* row_ptr, int64_t num_plan_rows, int64_t num_row_docs,
@@ -63,8 +113,12 @@ void assemble_rows(const Corpus& corpus, const int64_t* row_ptr, int64_t num_pla
   }
   const int64_t S = out.seq_len, cu_len = out.max_docs + 2;
   std::vector<int32_t> loss_scratch(S + 1);
+  for (int64_t i = 0; i < std::min<int64_t>(num_rows, kPrefetchRows); ++i) {
+    prefetch_row(corpus, row_ptr, row_docs, eff_len, rows[i]);
+  }
   for (int64_t i = 0; i < num_rows; ++i) {
     const int64_t row = rows[i];
+    if (i + kPrefetchRows < num_rows) prefetch_row(corpus, row_ptr, row_docs, eff_len, rows[i + kPrefetchRows]);
     int64_t* input_ids = out.input_ids + i * S;
     int32_t* position_ids = out.position_ids + i * S;
     int64_t* labels = out.labels + i * S;

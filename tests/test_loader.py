@@ -19,13 +19,15 @@ from fastsft.data.shards import ShardWriter, open_shards
 SEQ_LEN = 96
 
 
-def write_dataset(out_dir, n_docs, vocab_size, seed, max_len=160, max_tokens_per_shard=2500):
-    """Lognormal lengths (a few longer than SEQ_LEN), random ids, about half the tokens supervised."""
+def write_dataset(out_dir, n_docs, vocab_size, seed, spans=False, max_len=160, max_tokens_per_shard=2500):
+    """Lognormal lengths (a few longer than SEQ_LEN), random ids, about half the tokens supervised: scattered, or
+    (spans=True) as one contiguous response span per document, like real prompt/response data."""
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(20), 0.9, n_docs).astype(int), 1, max_len)
     with ShardWriter(out_dir, vocab_size, max_tokens_per_shard=max_tokens_per_shard) as writer:
         for n in lengths:
-            writer.add(rng.integers(0, vocab_size, n), rng.random(n) < 0.5)
+            mask = np.arange(n) >= rng.integers(0, n + 1) if spans else rng.random(n) < 0.5
+            writer.add(rng.integers(0, vocab_size, n), mask)
     return open_shards(out_dir)
 
 
@@ -36,7 +38,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset_u32(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("shards32"), 250, 100_000, seed=1)
+    return write_dataset(tmp_path_factory.mktemp("shards32"), 250, 100_000, seed=1, spans=True)
 
 
 def kept_length(tokens_mask, seq_len, loss_bucket):
@@ -95,8 +97,9 @@ def assert_same_batches(a, b):
         assert (x.num_loss_tokens, x.num_tokens, x.num_docs) == (y.num_loss_tokens, y.num_tokens, y.num_docs)
 
 
-@pytest.mark.parametrize("loss_bucket", [None, 24])
-def test_batches_match_per_document_construction(dataset, loss_bucket):
+@pytest.mark.parametrize("which, loss_bucket", [("uint16", None), ("uint16", 24), ("uint32", None)])
+def test_batches_match_per_document_construction(dataset, dataset_u32, which, loss_bucket):
+    dataset = dataset if which == "uint16" else dataset_u32
     max_docs = 6
     loader = PackedLoader(dataset, SEQ_LEN, max_docs, seed=3, window=64, loss_bucket=loss_bucket, prefetch=2)
     plan_rows = rank_docs(loader, 0)
