@@ -1,3 +1,7 @@
-"""Training: the run's config (`config`), the compiled step (`step`), the loop (`trainer`), checkpoints
-(`checkpoint`), multi-process sharding (`distributed`), metrics and the `fastsft train` / `fastsft export` commands
-(`run`, `export`). Submodules are imported on use, so `import fastsft.train` stays cheap."""
+"""Training: the compiled train step and the trainer around it.
+
+`fastsft.train.step` holds the plain functions applied to a model from outside (freeze, activation checkpointing,
+compile), the optimizer and schedule builders, and `TrainStep` (one optimizer step over packed micro-batches, no host
+sync). The trainer (`fastsft.train.trainer`, `fastsft train` via `fastsft.train.run`) builds on them with its config,
+checkpoints, export and distributed setup.
+"""
