@@ -3,6 +3,9 @@ coverage of every document once per epoch across ranks, determinism, resume (als
 split, the loss bucket, and the C++ extension byte-identical to the numpy reference (fastsft/data/packing_ref.py)."""
 
 import gc
+import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 
@@ -14,7 +17,7 @@ from fastsft import _C
 from fastsft.data import packing_ref
 from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID
 from fastsft.data.loader import PackedLoader
-from fastsft.data.shards import ShardWriter, open_shards
+from fastsft.data.shards import ShardError, ShardWriter, open_shards
 
 SEQ_LEN = 96
 
@@ -323,3 +326,41 @@ def test_rng_matches_reference():
                                                window=1000, seed=123, epoch=4)
     np.testing.assert_array_equal(row_docs, ref_docs)
     assert sorted(row_docs.tolist()) == list(range(1000)) and row_docs.tolist() != list(range(1000))
+
+
+def test_opens_a_prepared_directory_and_checks_vocab(tmp_path):
+    rng = np.random.default_rng(4)
+    with ShardWriter(tmp_path / "train", 500) as writer:
+        for n in rng.integers(5, 60, 40):
+            writer.add(rng.integers(0, 499, n), rng.random(n) < 0.5)
+    summary = writer.close()
+    manifest = {"splits": {"train": {"files": [f"train/{f}" for f in summary["files"]]}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loader = PackedLoader(str(tmp_path), 64, 4, window=16, vocab_size=500)
+    assert sum(b.num_docs for b in loader) == 40
+    with pytest.raises(ShardError, match="outside the model's vocabulary of 100"):
+        PackedLoader(tmp_path, 64, 4, vocab_size=100)
+
+
+def test_interpreter_exits_with_a_prefetch_thread_mid_epoch(tmp_path):
+    write_dataset(tmp_path, 300, 1000, seed=6)
+    script = (
+        "import sys; from fastsft.data.loader import PackedLoader\n"
+        f"loader = PackedLoader({str(tmp_path)!r}, 32, 4, window=32, prefetch=2)\n"
+        "it = iter(loader); next(it)\n"  # the thread now waits on a full queue; the generator is never closed
+        "sys.exit(0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.gpu
+def test_pinned_batches_copy_to_gpu(dataset):
+    loader = PackedLoader(dataset, SEQ_LEN, 4, window=64)  # pin_memory defaults to True with CUDA
+    for i, batch in enumerate(loader):
+        assert batch.input_ids.is_pinned() and batch.loss_positions.is_pinned()
+        on_gpu = batch.to("cuda")
+        torch.cuda.synchronize()
+        assert torch.equal(on_gpu.labels.cpu(), batch.labels) and on_gpu.num_loss_tokens == batch.num_loss_tokens
+        if i == 3:
+            break

@@ -88,11 +88,13 @@ class PackedLoader:
         exactly once per epoch; True drops the last (row count % world_size) rows.
     prefetch: batches assembled ahead in a background thread (0: assemble in the caller's thread).
     pin_memory: page-locked buffers for non-blocking copies to the GPU (default: when CUDA is available).
+    vocab_size: the model's vocabulary; a token id >= vocab_size in any shard raises ShardError here, before training.
     """
 
     def __init__(self, source, seq_len: int, max_docs: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  window: int = DEFAULT_WINDOW, loss_bucket: int | None = None, long_docs: str = "truncate",
-                 drop_last: bool = False, prefetch: int = 2, pin_memory: bool | None = None, backend: str = "cpp"):
+                 drop_last: bool = False, prefetch: int = 2, pin_memory: bool | None = None, backend: str = "cpp",
+                 vocab_size: int | None = None):
         _check_int("seq_len", seq_len, 1, (1 << 31) - 1)
         _check_int("max_docs", max_docs, 1)
         _check_int("seed", seed, 0, (1 << 64) - 1)
@@ -112,6 +114,8 @@ class PackedLoader:
             raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None or False")
 
         self.dataset = source if isinstance(source, ShardDataset) else open_shards(source)
+        if vocab_size is not None:
+            self.dataset.check_vocab(vocab_size)
         self.seq_len, self.max_docs, self.seed = int(seq_len), int(max_docs), int(seed)
         self.rank, self.world_size, self.window = int(rank), int(world_size), int(window)
         self.loss_bucket = None if loss_bucket is None else int(loss_bucket)
