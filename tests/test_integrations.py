@@ -337,3 +337,42 @@ def test_trl_example_same_losses_as_unpatched(tmp_path):
     plain = example.main([*argv, "--no-fastsft"])
     assert len(fused) == 2
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real kernels: under the Triton interpreter on CPU, and on a GPU in bf16.
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_triton_kernels_same_loss_and_grads(triton_interpret, padding_free):
+    reference, patched = reference_and_patched("qwen3")  # qwen3: also the per-head q/k norms on 4-d inputs
+    features = random_features([9, 6, 7], [2, 3, 1])
+    batch = {**DataCollatorWithFlattening()(features), "use_cache": False} if padding_free else padded_batch(features)
+    num_items = (batch["labels"][:, 1:] != -100).sum() + 5  # as if part of a bigger accumulated step
+    batch["num_items_in_batch"] = num_items
+    ref_out, ref_grads = loss_and_grads(reference, batch)
+    out, grads = loss_and_grads(patched, batch)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-4, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_gpu_bf16_close_to_transformers(arch):
+    """bf16 on CUDA: the kernels against transformers' own bf16 forward. Tolerances are those of bf16 rounding
+    (fastsft normalizes and scales in fp32 before one rounding; transformers rounds twice)."""
+    reference, patched = reference_and_patched(arch)
+    reference, patched = reference.to("cuda", torch.bfloat16), patched.to("cuda", torch.bfloat16)
+    features = random_features([200, 130, 170], [20, 40, 10])
+    batch = {**DataCollatorWithFlattening()(features), "use_cache": False}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    ref_out, ref_grads = loss_and_grads(reference, batch)
+    out, grads = loss_and_grads(patched, batch)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.float(), ref_out.loss.float(), rtol=2e-2, atol=2e-2)
+    for name in ref_grads:
+        g, r = grads[name].float(), ref_grads[name].float()
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0)
+        assert cosine > 0.99, f"grad of {name}: cosine {cosine.item():.4f} to transformers' bf16 gradient"
