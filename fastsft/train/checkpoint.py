@@ -16,7 +16,8 @@ only a .tmp directory, which is ignored when looking for checkpoints and deleted
 checkpoint is untouched. Checkpoint files are trusted (written by this run): loading uses torch.load(weights_only=False).
 
 Test hook: FASTSFT_TEST_SAVE_SLEEP=<seconds> sleeps inside a save after the model file is written, so a test can kill
-the process mid-save.
+the process mid-save (FASTSFT_TEST_SAVE_SLEEP_STEP=<step> limits it to that step's save; FASTSFT_TEST_SAVE_SLEEP_MARKER
+names a file written when the sleep starts).
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def test_sleep_hook() -> None:
+def save_pause_hook(step: int) -> None:
     """FASTSFT_TEST_SAVE_SLEEP: pause mid-save so a test can kill the process with a half-written checkpoint."""
     seconds = os.environ.get(SAVE_SLEEP_ENV)
-    if seconds:
+    only_step = os.environ.get(SAVE_SLEEP_ENV + "_STEP")
+    if seconds and (not only_step or int(only_step) == step):
         marker = os.environ.get(SAVE_SLEEP_ENV + "_MARKER")
         if marker:  # tells the test the save has started
             Path(marker).write_text("saving\n")
@@ -205,7 +207,7 @@ def save_local(
     """Write one complete checkpoint atomically and return its final path."""
     tmp = begin_save(out_dir, step)
     torch.save(model_state, tmp / "model.pt")
-    test_sleep_hook()
+    save_pause_hook(step)
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(rank_state, tmp / "state-rank0.pt")
     (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 import types
 import typing
@@ -92,7 +93,8 @@ class TrainSection:
     gradient_checkpointing: bool = _opt(False, "activation checkpointing: recompute each block in backward to save memory")
     freeze: list = _opt([], "glob patterns of parameter names to freeze (e.g. 'embed_tokens.*')")
     max_nonfinite_steps: int = _opt(5, "stop the run after this many optimizer steps in a row with a non-finite loss")
-    device: str = _opt("auto", "auto (cuda when available), cuda or cpu")
+    device: str = _opt("auto", "auto (cuda when available), cuda or cpu", ("auto", "cuda", "cpu"))
+    cpu_threads: int = _opt(0, "torch CPU threads per process (0 = torch's default; 1 is often fastest on a busy machine)")
 
 
 @dataclass
@@ -152,8 +154,13 @@ def iter_options(cls=TrainConfig, prefix: str = ""):
             yield prefix + f.name, tp, getattr(defaults, f.name), f.metadata.get("doc", ""), f.metadata.get("choices")
 
 
+@functools.lru_cache(maxsize=1)
+def _options_by_key() -> dict:
+    return {key: (tp, choices) for key, tp, _default, _doc, choices in iter_options()}
+
+
 def all_keys() -> list[str]:
-    return [key for key, *_ in iter_options()]
+    return list(_options_by_key())
 
 
 # Common short names people type, mapped to the option they mean (used only for suggestions).
@@ -291,10 +298,7 @@ def _check_choices(value, choices, key: str, where: str) -> None:
 
 def _lookup(key: str):
     """The (field type, choices) of a dotted key, or None if it does not exist."""
-    for k, tp, _default, _doc, choices in iter_options():
-        if k == key:
-            return tp, choices
-    return None
+    return _options_by_key().get(key)
 
 
 def set_value(cfg: TrainConfig, key: str, value, where: str) -> None:
@@ -403,6 +407,7 @@ def validate(cfg: TrainConfig) -> None:
         "optim.max_grad_norm": cfg.optim.max_grad_norm,
         "optim.weight_decay": cfg.optim.weight_decay,
         "data.prefetch": cfg.data.prefetch,
+        "train.cpu_threads": cfg.train.cpu_threads,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -232,6 +232,35 @@ def generation_examples(dataset, tokenizer, count: int) -> list[GenerationExampl
     return examples
 
 
+def attention_context(dataset, seq_len: int) -> float:
+    """Mean attention context of a token in packed rows: sum(len^2) / sum(len) over documents (capped at seq_len),
+    what `Transformer.flops_per_token` wants for its attention term."""
+    import numpy as np
+
+    lengths = np.minimum(np.asarray(dataset.lengths, dtype=np.float64), seq_len)
+    return float((lengths**2).sum() / max(lengths.sum(), 1.0))
+
+
+def measure_peak_flops(device: torch.device) -> float:
+    """Measured dense bf16 matmul rate of this GPU in FLOP/s (the MFU denominator), median of a few timed runs."""
+    n = 4096
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 5)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model under torch.compile's wrapper (state dict keys without `_orig_mod.`)."""
     return getattr(model, "_orig_mod", model)
@@ -244,8 +273,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class Trainer:
     """One training run. `fit()` returns a summary dict; rank 0 prints progress and the final report."""
 
-    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo | None = None, print_fn=print):
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo | None = None, print_fn=print,
+                 stop_at_step: int | None = None):
         self.cfg = cfg
+        self.stop_at_step = stop_at_step  # tests: behave as if SIGTERM arrived during this step
         self.info = info or distributed.DistInfo(device=distributed.pick_device(cfg.train.device))
         self.out_dir = Path(cfg.output_dir)
         self._print = print_fn
@@ -268,6 +299,8 @@ class Trainer:
         from fastsft.train import step as step_lib
 
         cfg, info = self.cfg, self.info
+        if cfg.train.cpu_threads:
+            torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +332,7 @@ class Trainer:
             distributed.shard_model(model, info, param_dtype=param_dtype)
             precision = "fp32" if param_dtype is not None else precision  # FSDP casts; no autocast on top
         if cfg.train.torch_compile:
-            model = step_lib.apply_compile(model, cfg.train.compile_mode)
+            model = step_lib.apply_compile(model, cfg.train.compile_mode)  # per block, in place
         self.model = model
         self.num_parameters = unwrap(model).num_parameters() if hasattr(unwrap(model), "num_parameters") else None
 
@@ -313,8 +346,12 @@ class Trainer:
             warmup_steps(cfg, self.total_steps), self.total_steps, o.lr_scheduler_type, o.min_lr_ratio
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        if self.param_dtype == torch.bfloat16 and precision != "fp32":
+            precision = "pure_bf16"  # bf16 parameters and optimizer state, no autocast
         self.train_step = step_lib.TrainStep(model, self.optimizer, self.scheduler, o.max_grad_norm, precision)
         self.precision = precision
+        self.flops_per_token = unwrap(model).flops_per_token(attention_context(self.train_data, cfg.data.seq_len))
+        self.peak_flops = measure_peak_flops(info.device) if info.device.type == "cuda" else None
 
     def _precision(self) -> str:
         if self.cfg.train.precision != "auto":
@@ -385,7 +422,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         distributed.barrier(info)
         distributed.save_sharded(tmp / "dcp", self.model, self.optimizer)
-        ckpt.test_sleep_hook()
+        ckpt.save_pause_hook(step)
         torch.save(self._rank_state(), tmp / f"state-rank{info.rank}.pt")
         distributed.barrier(info)
         path = self.out_dir / ckpt.checkpoint_name(step)
@@ -596,15 +633,12 @@ class Trainer:
             self.logger.log(record)
 
     def _mfu(self, tokens_per_s: float) -> float | None:
-        if self.info.device.type != "cuda":
+        """Model FLOPs utilisation on a GPU: this rank's tokens/s x FLOPs per token / its measured bf16 peak."""
+        if self.peak_flops is None:
             return None
-        try:
-            from fastsft.train.step import mfu
-        except ImportError:
-            return None
-        model = unwrap(self.model)
-        flops = model.flops_per_token(self.cfg.data.seq_len)
-        return mfu(flops, tokens_per_s / self.info.world_size, self.info.device)
+        from fastsft.train.step import mfu
+
+        return mfu(tokens_per_s / self.info.world_size, self.flops_per_token, self.peak_flops)
 
     def fit(self) -> dict:
         cfg, info, s = self.cfg, self.info, self.state
@@ -674,6 +708,8 @@ class Trainer:
         clock = _IntervalClock()
         while s.step < self.total_steps and s.stop_reason is None:
             micro = [next(stream) for _ in range(accum)]
+            if self.stop_at_step is not None and s.step + 1 == self.stop_at_step:
+                stop.request("stop_at_step (test)")
             local = [sum(b.num_loss_tokens for b in micro), sum(b.num_tokens for b in micro), float(stop.requested)]
             loss_tokens, tokens, stop_votes = distributed.all_reduce_host(local, info)
             lr = self.scheduler.get_last_lr()[0]
