@@ -13,6 +13,7 @@ ext_modules = [
     Pybind11Extension(
         "fastsft._C",
         sorted(glob("csrc/*.cpp")),
+        depends=sorted(glob("csrc/*.h")),  # header edits trigger a rebuild, and the sdist carries the headers
         cxx_std=17,
         extra_compile_args=["-O3", "-fvisibility=hidden"],
     )
