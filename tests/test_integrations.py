@@ -185,6 +185,16 @@ def test_tied_embeddings_and_shift_labels():
     )
 
 
+def test_batch_with_every_target_ignored_gives_zero_not_nan():
+    reference, patched = reference_and_patched("llama")
+    batch = padded_batch(random_features([6, 5], [6, 5]))  # prompts only: nothing to learn
+    assert torch.isnan(reference(**batch).loss)  # transformers: 0 / 0
+    loss = patched(**batch).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in patched.parameters())
+
+
 def test_logits_when_not_training_with_labels():
     reference, patched = reference_and_patched("mistral")
     batch = padded_batch(random_features([9, 6], [2, 1]))
@@ -376,3 +386,30 @@ def test_gpu_bf16_close_to_transformers(arch):
         g, r = grads[name].float(), ref_grads[name].float()
         cosine = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0)
         assert cosine > 0.99, f"grad of {name}: cosine {cosine.item():.4f} to transformers' bf16 gradient"
+
+
+@pytest.mark.gpu
+def test_gpu_patched_training_step_needs_less_memory():
+    """The reason to patch: no [tokens x vocab] logits (transformers keeps bf16 logits and their fp32 copy for
+    backward). Peak memory of one forward+backward above the weights, patched vs unpatched, same batch."""
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    reference = LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
+    patched = fit.apply(copy.deepcopy(reference))
+    input_ids = torch.randint(0, config.vocab_size, (1, 4096), device="cuda")
+    batch = {"input_ids": input_ids, "labels": input_ids, "use_cache": False}
+
+    def peak_bytes(model):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(**batch).loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    peak_bytes(reference), peak_bytes(patched)  # warm-up: kernels compiled, allocator settled
+    ref_peak, patched_peak = peak_bytes(reference), peak_bytes(patched)
+    print(f"peak above weights: transformers {ref_peak / 2**20:.0f} MiB, fastsft-patched {patched_peak / 2**20:.0f} "
+          f"MiB ({patched_peak / ref_peak:.2f}x)")
+    assert patched_peak < 0.5 * ref_peak

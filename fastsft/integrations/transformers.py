@@ -8,7 +8,9 @@ What `apply` does to that one model instance (never to the model classes, so oth
 - rms_norm=True: every RMSNorm module of the architecture (the per-layer norms, the final norm and, in Qwen3, the
   per-head q/k norms) becomes `fastsft.ops.RMSNorm` holding the very same weight Parameter. Parameter names,
   `state_dict()` keys and `save_pretrained` output are unchanged; optimizers built before or after see the same
-  tensors.
+  tensors. In fp32 the reference path gives transformers' output bit for bit (the kernels: to fp32 rounding); in
+  bf16/fp16 fastsft normalizes and scales in fp32 and rounds once, where transformers rounds the normalized value
+  and then multiplies by the weight.
 - loss=True: the instance's `forward` is wrapped. In training mode (`model.train()`), a call with `labels` (or
   `shift_labels`) runs the decoder to its last hidden states and computes the loss with
   `fastsft.ops.linear_cross_entropy(hidden, lm_head.weight, shifted labels)`: the [tokens x vocab] logits are never
