@@ -185,6 +185,20 @@ def test_tied_embeddings_and_shift_labels():
     )
 
 
+def test_custom_loss_function_or_wrapped_lm_head_fall_back_to_transformers():
+    reference, patched = reference_and_patched("llama")
+    batch = padded_batch(random_features([7, 5], [2, 1]))
+    patched.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().square().mean()
+    out = patched(**batch)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, reference(**batch).logits.float().square().mean(), **TOL)
+    del patched._loss_function
+    patched.lm_head = torch.nn.Sequential(patched.lm_head)  # stands in for an adapter wrapped around the head
+    out = patched(**batch)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, reference(**batch).loss, **TOL)
+
+
 def test_batch_with_every_target_ignored_gives_zero_not_nan():
     reference, patched = reference_and_patched("llama")
     batch = padded_batch(random_features([6, 5], [6, 5]))  # prompts only: nothing to learn

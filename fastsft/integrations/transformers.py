@@ -15,8 +15,8 @@ What `apply` does to that one model instance (never to the model classes, so oth
   `shift_labels`) runs the decoder to its last hidden states and computes the loss with
   `fastsft.ops.linear_cross_entropy(hidden, lm_head.weight, shifted labels)`: the [tokens x vocab] logits are never
   materialized, and the returned output has `logits=None`. Every other call (no labels, eval mode, a custom
-  `model.loss_function`, `logits_to_keep` set) goes to the original forward, so generation, evaluation with
-  `compute_metrics` and plain inference return logits exactly as before.
+  `model.loss_function`, `logits_to_keep` set, an lm_head wrapped since) goes to the original forward, so
+  generation, evaluation with `compute_metrics` and plain inference return logits exactly as before.
 
 The loss has transformers' `ForCausalLMLoss` semantics: labels are shifted inside (labels[t + 1] is the target of
 position t, the last position gets -100), or `shift_labels` is used as given; the mean is over tokens whose target
@@ -203,7 +203,8 @@ def _uses_fused_loss(model, labels, shift_labels, logits_to_keep) -> bool:
         return False
     if not model.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         return False
-    return model.loss_function is ForCausalLMLoss
+    # An lm_head wrapped after apply (a LoRA adapter on it, say) is no longer one weight matrix: unfused is right.
+    return model.loss_function is ForCausalLMLoss and type(model.lm_head) is nn.Linear
 
 
 def _fused_forward(
