@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fastsft.kernels.rms_norm import _cast_rtne
+
+from fastsft.kernels._common import cast_rtne
 
 # Columns per loop iteration. A 128k-vocabulary row is ~16 iterations of 8192; the block is capped so registers hold
 # it (8192 fp32 over 16 warps = 16 values per thread). Tests lower it to exercise multi-block rows on small vocabs.
@@ -139,7 +140,7 @@ def _cross_entropy_kernel(
             if HAS_SOFTCAP:
                 t = z / softcap
                 g = g * (1.0 - t * t)
-            tl.store(grad_row + cols, _cast_rtne(g, GRAD.dtype.element_ty), mask=mask)
+            tl.store(grad_row + cols, cast_rtne(g, GRAD.dtype.element_ty), mask=mask)
 
 
 def launch_config(n_cols: int) -> tuple[int, int]:

@@ -34,6 +34,7 @@ import functools
 import os
 
 import torch
+
 from fastsft.kernels.cross_entropy import cross_entropy_rows
 
 # Default memory for one chunk of logits. 512 MiB holds 2048 rows of a 128k bf16 vocabulary: GEMMs of that height

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsft.kernels._common import cast_rtne
+
 # Largest hidden size one program holds in registers (the whole row is one block).
 MAX_HIDDEN = 65536
 # Persistent backward grid: programs per SM on a GPU (one, as planned; not yet tuned on hardware: more programs
@@ -29,19 +31,6 @@ MAX_HIDDEN = 65536
 # there is no GPU (the interpreter runs programs one after another).
 PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 4
-
-
-@triton.jit
-def _cast_rtne(x, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE rounded to nearest even. For bf16 the rounding is done on the bits: the interpreter's own
-    fp32 -> bf16 cast truncates, so without this CPU tests would check different numbers than a GPU produces.
-    On a GPU this is a few integer ops on data already in registers (exact for every finite value and inf)."""
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit
@@ -61,13 +50,13 @@ def _rms_norm_fwd_kernel(
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         # Normalise the sum as stored (rounded to the storage dtype), exactly what an unfused `x + residual`
         # followed by RMSNorm computes, and what the backward recomputes from the saved sum.
-        s_stored = _cast_rtne(s + r, S.dtype.element_ty)
+        s_stored = cast_rtne(s + r, S.dtype.element_ty)
         tl.store(S + row * stride_s + cols, s_stored, mask=mask)
         s = s_stored.to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + eps)
     y = s * rstd * (w + offset)
-    tl.store(Y + row * stride_y + cols, _cast_rtne(y, Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, cast_rtne(y, Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
@@ -96,7 +85,7 @@ def _rms_norm_bwd_kernel(
         ds = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
         if HAS_DSUM:
             ds += tl.load(DSUM + row64 * stride_dsum + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx + cols, _cast_rtne(ds, DX.dtype.element_ty), mask=mask)
+        tl.store(DX + row64 * stride_dx + cols, cast_rtne(ds, DX.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
 
