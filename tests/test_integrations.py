@@ -253,7 +253,7 @@ def test_apply_twice_is_harmless_and_revert_restores():
     reference, patched = reference_and_patched("llama")
     forward = patched.forward
     fit.apply(patched)
-    assert patched.forward.__func__ is forward.__func__
+    assert patched.forward is forward
     batch = padded_batch(random_features([8, 5], [2, 2]))
     assert_same_loss_and_grads(reference, patched, batch)
 
@@ -264,6 +264,21 @@ def test_apply_twice_is_harmless_and_revert_restores():
     out = patched(**batch)
     assert out.logits is not None
     torch.testing.assert_close(out.loss, reference(**batch).loss, **TOL)
+
+
+def test_patch_survives_pickling_and_deepcopy():
+    import pickle
+
+    reference, patched = reference_and_patched("qwen2")
+    batch = padded_batch(random_features([8, 6], [2, 3]))
+    expected = reference(**batch).loss
+    for copied in (pickle.loads(pickle.dumps(patched)), copy.deepcopy(patched)):
+        out = copied(**batch)
+        assert out.logits is None and copied.forward.model is copied
+        torch.testing.assert_close(out.loss, expected, **TOL)
+        assert copied(input_ids=batch["input_ids"]).logits is not None  # the original forward, not a loop
+        fit.revert(copied)
+        assert copied(**batch).logits is not None
 
 
 def test_rms_norm_only_and_loss_only():

@@ -32,20 +32,23 @@ but only without a KV cache: the fused training forward therefore defaults `use_
 forward takes `config.use_cache`, usually True, and then lets packed sequences attend to each other unless the
 caller passes use_cache=False, as the `Trainer` does).
 
-`revert(model)` undoes both patches.
+`revert(model)` undoes both patches. The patched forward lives on the instance, so `copy.deepcopy(model)` keeps it
+but pickling the whole module (`torch.save(model)`) does not: save with `save_pretrained` or the state_dict, which
+are unchanged, and call `apply` again after loading.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-import types
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from fastsft.ops import RMSNorm, linear_cross_entropy
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "apply", "causal_lm_loss", "is_applied", "revert"]
 
 # model_type -> (modeling module, causal LM class, RMSNorm class). The four share one forward signature and
 # one layout: a decoder at `.model` returning `last_hidden_state`, and an `nn.Linear` `.lm_head`.
@@ -64,8 +67,10 @@ class _PatchState:
     """What `apply` changed on one model, so that a second `apply` is a no-op and `revert` can undo it."""
 
     original_norms: dict[str, nn.Module] = field(default_factory=dict)  # qualified name -> the replaced module
-    original_forward: object = None  # the bound forward that was in place before the loss patch
-    forward_was_instance_attr: bool = False  # someone else had already patched `forward` on the instance
+    loss_patched: bool = False
+    # Another library's forward already on the instance when we patched; None: the class's forward (not stored, so
+    # a pickled model never holds a bound method that would unpickle as the wrong forward).
+    instance_forward: object = None
 
 
 def apply(model: nn.Module, rms_norm: bool = True, loss: bool = True) -> nn.Module:
@@ -80,7 +85,7 @@ def apply(model: nn.Module, rms_norm: bool = True, loss: bool = True) -> nn.Modu
         model.__dict__[_STATE_ATTR] = state
     if rms_norm:
         _swap_rms_norms(model, classes["rms_norm"], state)
-    if loss and state.original_forward is None:
+    if loss and not state.loss_patched:
         _patch_forward(model, state)
     return model
 
@@ -90,14 +95,14 @@ def revert(model: nn.Module) -> nn.Module:
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
         return model
-    if state.original_forward is not None:
+    if state.loss_patched:
         if not _forward_is_ours(model):
             raise RuntimeError(
                 "fastsft.integrations.transformers.revert: model.forward was wrapped again after fastsft's patch "
                 "(by another library); revert that wrapper first, or reload the model."
             )
-        if state.forward_was_instance_attr:
-            model.forward = state.original_forward
+        if state.instance_forward is not None:
+            model.forward = state.instance_forward
         else:
             del model.forward
     for name, original in state.original_norms.items():
@@ -178,21 +183,36 @@ def _swap_rms_norms(model: nn.Module, norm_class: type, state: _PatchState) -> N
 
 
 def _patch_forward(model: nn.Module, state: _PatchState) -> None:
-    state.forward_was_instance_attr = "forward" in model.__dict__
-    state.original_forward = model.forward
+    state.instance_forward = model.__dict__.get("forward")
+    state.loss_patched = True
+    model.forward = FusedForward(model)
 
-    def forward(self, *args, **kwargs):
-        return _fused_forward(self, *args, **kwargs)
 
-    # Keep the original signature: generate() validates its kwargs against it, and the Trainer looks for **kwargs
-    # there to decide whether to pass num_items_in_batch.
-    functools.update_wrapper(forward, type(model).forward)
-    forward._fastsft_fused = True
-    model.forward = types.MethodType(forward, model)
+class FusedForward:
+    """The patched `forward` of one model instance.
+
+    A small object rather than a bound closure so that the patch survives pickling and deep copies. It reports the
+    original signature: `generate()` validates its kwargs against it, and the Trainer looks for **kwargs there to
+    decide whether to pass num_items_in_batch."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return _fused_forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(type(self.model).forward)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
+
+    @property
+    def __doc__(self):
+        return type(self.model).forward.__doc__
 
 
 def _forward_is_ours(model: nn.Module) -> bool:
-    return getattr(model.__dict__.get("forward"), "_fastsft_fused", False)
+    return isinstance(model.__dict__.get("forward"), FusedForward)
 
 
 def _uses_fused_loss(model, labels, shift_labels, logits_to_keep) -> bool:
@@ -221,7 +241,8 @@ def _fused_forward(
 ):
     state: _PatchState = self.__dict__[_STATE_ATTR]
     if not _uses_fused_loss(self, labels, kwargs.get("shift_labels"), logits_to_keep):
-        return state.original_forward(
+        original = state.instance_forward or type(self).forward.__get__(self)
+        return original(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
             logits_to_keep=logits_to_keep, **kwargs,
