@@ -129,6 +129,22 @@ def test_logits_loss_grads_match_transformers(arch, tmp_path):
         assert rel_err(ours.get_parameter(ours_name).grad, hf_params[hf_name].grad) < 1e-4, ours_name
 
 
+def test_matches_transformers_with_triton_kernels(tmp_path, triton_interpret):
+    """The same comparison with the ops' real Triton kernels (interpreter on CPU): the model does not depend on
+    how the ops are implemented."""
+    hf = hf_model("qwen3-tied", tmp_path)
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ids = random_docs([21])[0]
+    ref_loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    ref_loss.backward()
+    our_loss = ours.loss(make_batch([ids], seq_len=24))
+    our_loss.backward()
+    assert rel_err(our_loss, ref_loss) < 1e-4
+    hf_params = dict(hf.named_parameters())
+    for ours_name, hf_name in hf_key_map(ours.config).items():
+        assert rel_err(ours.get_parameter(ours_name).grad, hf_params[hf_name].grad) < 1e-4, ours_name
+
+
 def test_packed_row_equals_documents_one_by_one(tmp_path):
     hf_model("qwen3-tied", tmp_path)
     model = Transformer.from_pretrained(tmp_path / "hf")

@@ -183,7 +183,12 @@ def test_activation_checkpointing_same_gradients_and_names():
     apply_activation_checkpointing(model)  # idempotent
     apply_compile(model, "blocks", backend="aot_eager")
     assert [n for n, _ in model.named_parameters()] == names
+    # Module hooks (FSDP2 puts its all-gathers there) run eagerly, outside the compiled forward.
+    hook_compiling = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda module, args: hook_compiling.append(torch.compiler.is_compiling()))
     _, checkpointed = sgd_step(model, [row])
+    assert hook_compiling == [False] * len(model.layers)
     for name in plain:
         assert rel_err(checkpointed[name], plain[name]) < 1e-5, name
 

@@ -104,10 +104,14 @@ def lr_lambda(warmup_steps: int, total_steps: int, decay: str = "cosine", min_lr
 def apply_compile(model: nn.Module, mode: str | None = "blocks", fullgraph: bool = True, backend="inductor",
                   compile_mode: str | None = None) -> nn.Module:
     """torch.compile each transformer block ("blocks": one graph shared by all blocks but the first, which has no
-    residual yet; small compile time, plays well with FSDP2 per-block shards), the whole forward ("model"), or
-    nothing ("none"). In place (parameter names unchanged); returns the model. `compile_mode` is torch.compile's
-    mode; for convenience a torch.compile mode name (e.g. "max-autotune") or None given as `mode` means per-block
-    compilation with that mode. The loss (a custom op) runs outside the compiled graph."""
+    residual yet; short compile time), the whole forward ("model", single device), or nothing ("none"). Returns
+    the model. `compile_mode` is torch.compile's mode; for convenience a torch.compile mode name (e.g.
+    "max-autotune") or None given as `mode` means per-block compilation with that mode.
+
+    What gets compiled is each module's `forward` (replaced on the instance), not its `__call__`: module hooks - FSDP2's
+    all-gather and reshard hooks among them - stay outside the graph whether this runs before or after sharding,
+    and parameter names do not change. Apply after activation checkpointing (the checkpointed forward is what gets
+    compiled). The loss (a custom op) runs outside the compiled graph."""
     if mode is None:
         mode = "blocks"
     elif mode in TORCH_COMPILE_MODES:
@@ -118,11 +122,11 @@ def apply_compile(model: nn.Module, mode: str | None = "blocks", fullgraph: bool
     kwargs = {"fullgraph": fullgraph, "backend": backend}
     if compile_mode is not None and compile_mode != "default":
         kwargs["mode"] = compile_mode
-    if mode == "blocks":
-        for block in model.layers:
-            block.compile(**kwargs)
-    elif mode == "model":
-        model.compile(**kwargs)
+    targets = {"blocks": list(model.layers), "model": [model], "none": []}[mode]
+    for module in targets:
+        if not getattr(module, "_fastsft_compiled", False):
+            module.forward = torch.compile(module.forward, **kwargs)
+            module._fastsft_compiled = True
     return model
 
 
