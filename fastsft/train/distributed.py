@@ -139,7 +139,10 @@ def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype
     fully_shard(model, mp_policy=mp_policy)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
+            # A plain SUM (no division, no PREMUL_SUM, which gloo lacks): each rank's loss is already divided by
+            # the global token count.
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 
@@ -178,10 +181,14 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
 
 def load_sharded_into_full_model(directory: Path, model: torch.nn.Module) -> None:
     """One process, no process group: read a sharded checkpoint's model weights into an unsharded model (export)."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     model.load_state_dict(state["model"])
 
 

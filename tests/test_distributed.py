@@ -1,0 +1,68 @@
+"""Two processes with FSDP2 on CPU (gloo) under torchrun: 2 ranks x b rows per step give the same loss curve and
+weights as 1 rank x 2b rows, through a sharded (torch.distributed.checkpoint) save and resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import tiny_config, tiny_overrides, write_tiny_data
+
+from fastsft.train import checkpoint as ckpt
+from fastsft.train.metrics import read_metrics
+from fastsft.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+# A constant learning rate makes a run stopped at max_steps=2 and continued to max_steps=4 follow the same schedule
+# as a 4-step run, so the 2-launch sharded run can be compared with one uninterrupted single-process run.
+COMMON = dict(optim__lr_scheduler_type="constant", optim__warmup_steps=0, train__max_steps=4)
+
+
+def _torchrun(out, data_dir, **extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastsft", "train", *tiny_overrides(out, data_dir, **{**COMMON, **extra})]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stdout + result.stderr
+
+
+def _losses(run_dir):
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_two_ranks_match_one_rank_with_twice_the_rows(tmp_path):
+    data_dir = tmp_path / "data"
+    write_tiny_data(data_dir)
+
+    single = tmp_path / "single"
+    Trainer(tiny_config(single, data_dir, train__gradient_accumulation_steps=4, **COMMON)).fit()
+
+    sharded = tmp_path / "sharded"
+    _torchrun(sharded, data_dir, train__gradient_accumulation_steps=2, train__max_steps=2)
+    first = ckpt.latest_checkpoint(sharded)
+    assert first.name == "checkpoint-00000002"
+    assert (first / "dcp").is_dir() and (first / "state-rank0.pt").is_file() and (first / "state-rank1.pt").is_file()
+    log = _torchrun(sharded, data_dir, train__gradient_accumulation_steps=2)  # resumes from the sharded checkpoint
+    assert "resumed from" in log and "x 2 ranks" in log
+
+    one, two = _losses(single), _losses(sharded)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-6)
+        assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4)
+        assert two[step]["loss_tokens_per_s"] > 0
+
+    # Export gathers the sharded checkpoint into full weights in one process: they match the one-rank run's.
+    from fastsft.generate import load_model
+
+    full_one = load_model(ckpt.latest_checkpoint(single)).state_dict()
+    full_two = load_model(ckpt.latest_checkpoint(sharded)).state_dict()
+    assert full_one.keys() == full_two.keys()
+    for name in full_one:
+        torch.testing.assert_close(full_two[name], full_one[name], rtol=1e-5, atol=1e-5)
+    state = json.loads((ckpt.latest_checkpoint(sharded) / ckpt.STATE_JSON).read_text())
+    assert state["world_size"] == 2 and state["step"] == 4
