@@ -58,12 +58,14 @@ TORCH_VARLEN_ATTN = _import_torch_varlen_attn()
 _TORCH_VARLEN_PARAMS = frozenset(inspect.signature(TORCH_VARLEN_ATTN).parameters) if TORCH_VARLEN_ATTN else frozenset()
 
 
-def available_backends(device_type: str) -> list[str]:
-    """Backends usable on this device type, fastest first."""
+def available_backends(device_type: str, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends usable on this device type (and dtype: the FlashAttention kernels take fp16/bf16 only), fastest
+    first."""
     names = []
-    if device_type == "cuda" and FLASH_ATTN_VARLEN_FUNC is not None:
+    flash_dtype = dtype is None or dtype in (torch.float16, torch.bfloat16)
+    if device_type == "cuda" and flash_dtype and FLASH_ATTN_VARLEN_FUNC is not None:
         names.append("flash")
-    if device_type == "cuda" and TORCH_VARLEN_ATTN is not None:
+    if device_type == "cuda" and flash_dtype and TORCH_VARLEN_ATTN is not None:
         names.append("torch_varlen")
     return names + ["sdpa", "loop"]
 
@@ -71,22 +73,22 @@ def available_backends(device_type: str) -> list[str]:
 # Run once per trace under torch.compile and baked in as a constant: dynamo cannot trace logging calls, and the
 # choice depends only on the device type and the environment, never on tensor values.
 @torch._dynamo.assume_constant_result
-def select_backend(device_type: str, requested: str | None = None) -> str:
-    """The backend for `device_type`: `requested`, else $FASTSFT_ATTENTION, else the fastest available."""
+def select_backend(device_type: str, requested: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The backend for `device_type` and `dtype`: `requested`, else $FASTSFT_ATTENTION, else the fastest usable."""
     source = "argument"
     if requested is None:
         requested = os.environ.get(ENV_VAR, "").strip().lower() or None
         source = f"${ENV_VAR}"
-    usable = available_backends(device_type)
+    usable = available_backends(device_type, dtype)
     if requested is None:
         choice = usable[0]
     elif requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r} (from {source}) is not one of {', '.join(BACKENDS)}")
     elif requested not in usable:
         raise ValueError(
-            f"attention backend {requested!r} (from {source}) is not usable on {device_type}: usable here are "
-            f"{', '.join(usable)} (flash needs CUDA and `pip install flash-attn`; torch_varlen needs CUDA and "
-            f"PyTorch 2.10+)"
+            f"attention backend {requested!r} (from {source}) is not usable on {device_type} with {dtype}: usable "
+            f"here are {', '.join(usable)} (flash needs CUDA, fp16/bf16 and `pip install flash-attn`; torch_varlen "
+            f"needs CUDA, fp16/bf16 and PyTorch 2.10+)"
         )
     else:
         choice = requested
@@ -111,7 +113,7 @@ def varlen_attention(
     _check_shapes(q, k, v, cu_seqlens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    choice = select_backend(q.device.type, backend)
+    choice = select_backend(q.device.type, backend, q.dtype)
     if choice == "flash":
         return _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     if choice == "torch_varlen":

@@ -116,6 +116,8 @@ def test_backend_selection(monkeypatch, caplog):
         select_backend("cpu")
     with pytest.raises(ValueError, match="not usable on cpu"):
         select_backend("cpu", "flash")
+    assert "flash" not in attention.available_backends("cuda", torch.float32)  # FlashAttention: fp16/bf16 only
+    assert "torch_varlen" not in attention.available_backends("cuda", torch.float32)
 
 
 def test_choice_logged_once(monkeypatch, caplog):
