@@ -321,3 +321,23 @@ def test_sliding_window_shorter_than_rows_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="sliding_window=16 but max_seqlen=32"):
         model.loss(batch)
     model.loss(make_batch(random_docs([10]), seq_len=16))  # rows within the window are exact
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_fp32_and_does_not_leak(tmp_path):
+    """On the GPU (the fast attention backend, Triton kernels, bf16 autocast): loss close to the CPU fp32 model,
+    and a packed row still equals its documents run one by one."""
+    hf_model("llama-gqa-llama3rope", tmp_path)
+    cpu = Transformer.from_pretrained(tmp_path / "hf")
+    gpu = Transformer.from_pretrained(tmp_path / "hf", device="cuda")
+    docs = random_docs([40, 3, 70])
+    batch = make_batch(docs, seq_len=128)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu_loss = gpu.loss(batch.to("cuda"))
+        packed = gpu(**batch.to("cuda").model_inputs()).float()
+        start = 0
+        for doc in docs:
+            alone = gpu(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in single_row(doc).items()}).float()
+            assert rel_err(packed[start:start + len(doc)], alone) < 2e-2
+            start += len(doc)
+    assert rel_err(gpu_loss.float().cpu(), cpu.loss(batch)) < 2e-2
