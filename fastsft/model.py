@@ -112,10 +112,10 @@ class ModelConfig:
                              f"{', '.join(ARCHITECTURES)} (Llama-style decoders)")
         _reject_unsupported(cfg, where)
         rope_theta, rope_scaling = _read_rope(cfg, where)
-        qwen = model_type in ("qwen2", "qwen3")
-        sliding_window = cfg.get("sliding_window") if (model_type == "mistral" or cfg.get("use_sliding_window")) \
-            else None
-        attention_bias = bool(cfg.get("attention_bias", False))
+        # Mistral always names its window; qwen2/qwen3 only when use_sliding_window is on; llama has none.
+        windowed = model_type == "mistral" or (model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"))
+        # Bias: qwen2 always on q/k/v (never o); llama and qwen3 follow attention_bias on all four; mistral never.
+        attention_bias = bool(cfg.get("attention_bias", False)) and model_type in ("llama", "qwen3")
         try:
             return cls(
                 vocab_size=cfg["vocab_size"],
@@ -130,10 +130,10 @@ class ModelConfig:
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=True if model_type == "qwen2" else attention_bias,
-                attention_out_bias=False if model_type in ("qwen2", "mistral") else attention_bias,
+                attention_bias=attention_bias or model_type == "qwen2",
+                attention_out_bias=attention_bias,
                 qk_norm=model_type == "qwen3",
-                sliding_window=sliding_window if qwen or model_type == "mistral" else None,
+                sliding_window=cfg.get("sliding_window") if windowed else None,
                 initializer_range=float(cfg.get("initializer_range", 0.02)),
                 model_type=model_type,
                 extra={k: v for k, v in cfg.items() if k not in _OWNED_KEYS},
@@ -362,8 +362,11 @@ class Transformer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-        """Final-normed hidden states [T, hidden] of one packed row (the batch contract's tensors)."""
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, labels=None, loss_positions=None,
+                num_items=None, return_num_correct: bool = False):
+        """Final-normed hidden states [T, hidden] of one packed row (the batch contract's tensors); with `labels`,
+        the loss instead (see `loss`). The loss is computed inside forward so that wrappers applied to the model
+        (FSDP2's gather of the head weight, a compiled forward) cover the head matmul too."""
         self._check_inputs(input_ids, position_ids, max_seqlen)
         x = self.embed_tokens(input_ids)
         if torch.is_autocast_enabled(x.device.type):
@@ -374,7 +377,13 @@ class Transformer(nn.Module):
         for block in self.layers:
             x, residual = block(x, residual, cos, sin, cu_seqlens, max_seqlen)
         hidden, _ = self.norm(x, residual)
-        return hidden
+        if labels is None:
+            return hidden
+        weight = self.lm_head_weight
+        if weight.dtype != hidden.dtype:  # fp32 master weights under autocast: the matmul runs in bf16
+            weight = weight.to(hidden.dtype)
+        return linear_cross_entropy(hidden, weight, labels, loss_positions=loss_positions, reduction="mean",
+                                    num_items=num_items, return_num_correct=return_num_correct)
 
     def _check_inputs(self, input_ids, position_ids, max_seqlen: int) -> None:
         # Shape and Python-int checks only: free at run time, constant under torch.compile.
@@ -390,17 +399,12 @@ class Transformer(nn.Module):
             )
 
     def loss(self, batch: Batch, num_items=None, return_num_correct: bool = False):
-        """Cross-entropy summed over the batch's supervised positions and divided by `num_items` (a number or a 0-d
-        tensor: the optimizer step's global loss-token count), or by this row's count when None. With
-        return_num_correct, returns (loss, num_correct) where num_correct is an int64 0-d tensor."""
-        hidden = self(**batch.model_inputs())
-        weight = self.lm_head_weight
-        if weight.dtype != hidden.dtype:  # fp32 master weights under autocast: the matmul runs in bf16
-            weight = weight.to(hidden.dtype)
-        return linear_cross_entropy(
-            hidden, weight, batch.labels, loss_positions=batch.loss_positions, reduction="mean",
-            num_items=num_items, return_num_correct=return_num_correct,
-        )
+        """Cross-entropy summed over the batch's supervised positions (`fastsft.ops.linear_cross_entropy` over
+        `loss_positions`: no [tokens x vocab] logits) and divided by `num_items` (a number or a 0-d tensor: the
+        optimizer step's global loss-token count), or by this row's count when None. With return_num_correct,
+        returns (loss, num_correct) where num_correct is an int64 0-d tensor."""
+        return self(**batch.model_inputs(), labels=batch.labels, loss_positions=batch.loss_positions,
+                    num_items=num_items, return_num_correct=return_num_correct)
 
     def logits(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         """[T, vocab] logits, for evaluation and generation (training uses `loss`, which never builds them)."""

@@ -161,7 +161,7 @@ def test_one_compilation_over_twenty_layouts():
     """Fixed shapes, 20 different document layouts (cu_seqlens, positions, loss positions): one graph."""
     counter = CompileCounterWithBackend("aot_eager")
     model = fresh_model()
-    apply_compile(model, "model", backend=counter)
+    apply_compile(model, "model", backend=counter)  # forward + loss in one graph
     step = TrainStep(model, build_optimizer(model, lr=1e-3), precision="fp32")
     g = torch.Generator().manual_seed(7)
     layouts = set()
