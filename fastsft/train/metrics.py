@@ -130,8 +130,9 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | No
     except Exception:
         return None
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
-    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
+    # A resumed run appends again the steps logged after its checkpoint: the last record of a step wins.
+    train = sorted({r["step"]: r["loss"] for r in records if isinstance(r.get("loss"), (int, float))}.items())
+    val = sorted({r["step"]: r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))}.items())
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -69,7 +69,7 @@ def oom_message(cfg: TrainConfig) -> str:
     return (
         "CUDA out of memory. Lower the memory a step needs with one of these (then run again; the run resumes from "
         "its last checkpoint):\n"
-        f"  data.seq_len={cfg.data.seq_len}  -> a smaller packed row, e.g. data.seq_len={max(256, cfg.data.seq_len // 2)}\n"
+        f"  data.seq_len={cfg.data.seq_len}  -> a smaller packed row, e.g. data.seq_len={max(1, cfg.data.seq_len // 2)}\n"
         f"  train.gradient_checkpointing={cfg.train.gradient_checkpointing}  -> train.gradient_checkpointing=true "
         "(activation checkpointing: recompute blocks in backward)\n"
         f"  train.gradient_accumulation_steps={cfg.train.gradient_accumulation_steps}  -> micro-batches are one row "
@@ -106,7 +106,7 @@ def _split_size(prepared: Path, split: str) -> int:
     info = manifest.get("splits", {}).get(split) or {}
     if not info.get("files"):
         return 0
-    return int(info.get("num_docs", info.get("docs", 1)))
+    return int(info.get("documents", 1))
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -> tuple[tuple, tuple | None]:
