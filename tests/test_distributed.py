@@ -18,7 +18,8 @@ from fastsft.train.trainer import Trainer
 REPO = Path(__file__).resolve().parent.parent
 # A constant learning rate makes a run stopped at max_steps=2 and continued to max_steps=4 follow the same schedule
 # as a 4-step run, so the 2-launch sharded run can be compared with one uninterrupted single-process run.
-COMMON = dict(optim__lr_scheduler_type="constant", optim__warmup_steps=0, train__max_steps=4)
+COMMON = dict(optim__lr_scheduler_type="constant", optim__warmup_steps=0, train__max_steps=4,
+              eval__generation_samples=3)
 
 
 def _torchrun(out, data_dir, **extra):
@@ -55,6 +56,15 @@ def test_two_ranks_match_one_rank_with_twice_the_rows(tmp_path):
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-6)
         assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4)
         assert two[step]["loss_tokens_per_s"] > 0
+
+    # Evaluation under FSDP (each rank its share of the val rows, generation on every rank) gives the same numbers.
+    def final_eval(run_dir):
+        return [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r][-1]
+
+    eval_one, eval_two = final_eval(single), final_eval(sharded)
+    assert eval_two["val_loss"] == pytest.approx(eval_one["val_loss"], rel=1e-5)
+    assert eval_two["val_tokens"] == eval_one["val_tokens"]
+    assert eval_two["exact_match_count"] == eval_one["exact_match_count"]
 
     # Export gathers the sharded checkpoint into full weights in one process: they match the one-rank run's.
     from fastsft.generate import load_model
