@@ -1,8 +1,7 @@
 """Generate the built-in demo dataset shipped in fastsft/demo_data/ (what `fastsft train` with no arguments learns).
 
-Small string and arithmetic tasks that a tiny byte-level model can learn from scratch in a few CPU minutes:
-reverse a word, uppercase it, sort its letters, count its letters, repeat it, add two small numbers, take its
-first/last letter. Records come in two formats (alpaca and chat messages) so the demo exercises both readers, and a
+Small string tasks that a tiny byte-level model can learn from scratch in a few CPU minutes: uppercase a word,
+reverse it, take its first or last letter, repeat it, count its letters, sort them, say whether a number is even. Records come in two formats (alpaca and chat messages) so the demo exercises both readers, and a
 held-out split never shares an (task, input) pair with the training split, so exact-match accuracy on it measures
 learning rather than memorisation.
 
@@ -22,57 +21,63 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "fastsft" / "demo_data"
 LETTERS = string.ascii_lowercase
 
 
-def random_word(rng: random.Random, min_len: int = 3, max_len: int = 6) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(min_len, max_len)))
-
-
-# Each task: name -> function(rng) -> (instruction, input, answer). Inputs are kept short: a byte-level model sees one
-# token per character, and short answers keep the demo's sequences (and its CPU time) small.
-def task_reverse(rng):
-    word = random_word(rng)
-    return "Reverse the word.", word, word[::-1]
-
-
+# Each task: name -> function(rng) -> (instruction, input, answer). Instructions and inputs are kept short: a
+# byte-level model sees one token per character, and short examples mean more of them per CPU second, which is what a
+# model learning from scratch needs. The tasks range from easy (a fixed-offset copy) to harder (counting, sorting).
 def task_uppercase(rng):
-    word = random_word(rng)
-    return "Write the word in capitals.", word, word.upper()
+    word = random_word(rng, 2, 5)
+    return "Upper", word, word.upper()
 
 
-def task_sort(rng):
-    word = random_word(rng)
-    return "Sort the letters.", word, "".join(sorted(word))
+def task_reverse(rng):
+    word = random_word(rng, 2, 4)
+    return "Reverse", word, word[::-1]
 
 
-def task_count(rng):
-    word = random_word(rng, 1, 9)
-    return "How many letters?", word, str(len(word))
+def task_first(rng):
+    word = random_word(rng, 2, 6)
+    return "First letter", word, word[0]
+
+
+def task_last(rng):
+    word = random_word(rng, 2, 6)
+    return "Last letter", word, word[-1]
 
 
 def task_repeat(rng):
-    word = random_word(rng, 2, 3)
-    times = rng.randint(2, 3)
-    return f"Repeat {times} times.", word, word * times
+    word = random_word(rng, 1, 3)
+    return "Twice", word, word * 2
 
 
-def task_add(rng):
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    return "Add the numbers.", f"{a}+{b}", str(a + b)
+def task_length(rng):
+    word = random_word(rng, 1, 6)
+    return "Length", word, str(len(word))
 
 
-def task_first_last(rng):
-    word = random_word(rng)
-    return "First and last letter?", word, word[0] + word[-1]
+def task_parity(rng):
+    n = rng.randint(0, 9999)
+    return "Even or odd", str(n), "even" if n % 2 == 0 else "odd"
+
+
+def task_sort(rng):
+    word = random_word(rng, 2, 4)
+    return "Sort", word, "".join(sorted(word))
 
 
 TASKS = {
-    "reverse": task_reverse,
     "uppercase": task_uppercase,
-    "sort": task_sort,
-    "count": task_count,
+    "reverse": task_reverse,
+    "first": task_first,
+    "last": task_last,
     "repeat": task_repeat,
-    "add": task_add,
-    "first_last": task_first_last,
+    "length": task_length,
+    "parity": task_parity,
+    "sort": task_sort,
 }
+
+
+def random_word(rng: random.Random, min_len: int = 3, max_len: int = 6) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(min_len, max_len)))
 
 
 def as_alpaca(instruction: str, input_text: str, answer: str) -> dict:
@@ -82,7 +87,7 @@ def as_alpaca(instruction: str, input_text: str, answer: str) -> dict:
 def as_messages(instruction: str, input_text: str, answer: str) -> dict:
     return {
         "messages": [
-            {"role": "user", "content": f"{instruction}\n{input_text}"},
+            {"role": "user", "content": f"{instruction}: {input_text}"},
             {"role": "assistant", "content": answer},
         ]
     }
@@ -130,8 +135,8 @@ def write_split(out: Path, split: str, rows: list[tuple]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--num-train", type=int, default=7000)
-    parser.add_argument("--num-val", type=int, default=350)
+    parser.add_argument("--num-train", type=int, default=12000)
+    parser.add_argument("--num-val", type=int, default=360)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
 

@@ -134,8 +134,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
                 raise RunError(f"data: {p} is a directory; give either one prepared directory or only .jsonl/.json files")
         result = None
         if info.is_main:
-            say(f"preparing {', '.join(paths)} (cached under {cache})")
             result = str(prepare_cached(paths, tokenizer, cache, val_fraction=val_fraction, progress=True, **options))
+            say(f"data: {', '.join(paths)} -> {result} (tokenized once, cached by content hash)")
         return Path(distributed.broadcast_object(result, info))
 
     train_dir = prepare(files, 0.0 if cfg.data.val_files else cfg.data.val_fraction)
