@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastsft._fsutil import replace_dir
 from fastsft.attention import varlen_attention
 from fastsft.data.batch import Batch
 from fastsft.ops import RMSNorm, linear_cross_entropy
@@ -664,12 +664,7 @@ def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], text_files: d
             (tmp / name).write_text(text)
         if path.exists():
             _carry_over_other_files(path, tmp)
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastsft._fsutil import replace_dir
 from fastsft.data.formats import FORMATS, DataError, detect_file_format, iter_raw_records, load_record, normalize_record
 from fastsft.data.tokenizer import TRAIN_ON, Tokenizer, load_tokenizer
 
@@ -122,7 +123,7 @@ def prepare_dataset(data_files, tokenizer, out_dir, max_len=None, format="auto",
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         manifest = _write_dataset(data_files, formats, tokenizer, staging, options, progress)
-        _move_into_place(staging, out_dir)
+        replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -192,16 +193,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "or choose another directory")
     raise FileExistsError(f"--out {out_dir}: holds an incomplete dataset (no manifest.json: an interrupted prepare?); "
                           "pass --overwrite to replace it")
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-        os.rename(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out_dir)
 
 
 def file_sha256(path) -> str:

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastsft._fsutil import fsync_dir
+
 MAGIC = b"FSFTSHRD"
 FORMAT_VERSION = 1
 HEADER_FORMAT = "<8sIIQQQqQII"
@@ -241,7 +243,7 @@ class _ShardInProgress:
             out.flush()
             os.fsync(out.fileno())
         os.replace(self.shard_tmp, self.out_dir / self.name)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self.tokens_tmp.unlink()
         self.mask_tmp.unlink()
         return self.name
@@ -263,22 +265,6 @@ def _copy_tracked(src_path: Path, out, crc: int) -> int:
         while chunk := src.read(CRC_CHUNK_BYTES):
             crc = _write_tracked(out, chunk, crc)
     return crc
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------------------------------------- reader
 
 
 class ShardFile:
