@@ -115,7 +115,7 @@ class LogSection:
     save_total_limit: int = _opt(2, "keep this many most recent checkpoints (the best one by val loss is kept too)")
     tensorboard: bool = _opt(True, "also write TensorBoard events to OUT/tensorboard when tensorboard is installed")
     plot: bool = _opt(True, "write OUT/loss.png at the end when matplotlib is installed")
-    progress_bar: bool = _opt(True, "show a progress bar (off when stderr is not a terminal is fine too)")
+    progress_bar: bool = _opt(True, "tqdm progress bar on stderr: loss, lr, tokens/s, MFU (GPU), ETA")
 
 
 @dataclass

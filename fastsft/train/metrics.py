@@ -55,9 +55,10 @@ class RunLogger:
         if progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(
-                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
-            )
+            # Redrawn at most every 5 s when stderr is a log file rather than a terminal.
+            interval = 0.1 if sys.stderr.isatty() else 5.0
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=interval)
         self.tb = _open_tensorboard(self.out_dir / "tensorboard") if tensorboard else None
         self._last_step = start_step
 

@@ -35,27 +35,29 @@ def demo_config():
     cfg.output_dir = "fastsft-demo"
     cfg.data.train_files = [str(DEMO_DIR / name) for name in info["train_files"]]
     cfg.data.val_files = [str(DEMO_DIR / name) for name in info["val_files"]]
+    # One packed row per optimizer step: a model learning from scratch gains more from many small steps than from
+    # few large ones (measured: 1 epoch at 256 x 1 row per step reached 19-25% exact match, 256 x 4 rows 2%).
     cfg.data.seq_len = 256
-    cfg.data.max_docs = 16
+    cfg.data.max_docs = 24
     cfg.model.tokenizer = "byte"
     cfg.model.hidden_size = 128
     cfg.model.intermediate_size = 384
     cfg.model.num_hidden_layers = 4
     cfg.model.num_attention_heads = 4
-    cfg.model.num_key_value_heads = 2
+    cfg.model.num_key_value_heads = 4
     cfg.model.max_position_embeddings = 256
     cfg.optim.learning_rate = 3e-3
     cfg.optim.weight_decay = 0.0
-    cfg.optim.warmup_steps = 20
+    cfg.optim.warmup_steps = 50
     cfg.optim.min_lr_ratio = 0.1
-    cfg.train.gradient_accumulation_steps = 4
-    cfg.train.num_train_epochs = 1.0
+    cfg.train.gradient_accumulation_steps = 1
+    cfg.train.num_train_epochs = 4.0
     cfg.train.max_steps = -1
+    cfg.train.cpu_threads = 1  # tiny matmuls: one thread is faster than two on a 2-core CPU (measured)
     cfg.eval.eval_steps = 0
-    cfg.eval.generation_samples = 140
-    cfg.eval.generation_max_new_tokens = 12
-    cfg.eval.eval_max_batches = 0
-    cfg.log.logging_steps = 10
+    cfg.eval.generation_samples = 360  # every held-out example
+    cfg.eval.generation_max_new_tokens = 8
+    cfg.log.logging_steps = 50
     return cfg
 
 
