@@ -176,3 +176,18 @@ def test_sigterm_finishes_step_and_checkpoints(tmp_path, data_dir):
     step = ckpt.read_trainer_state(saved)["step"]
     assert 3 <= step < 100000
     assert f"checkpoint-{step:08d}" in output
+
+
+def test_rerun_of_finished_run_and_resume_never(tmp_path, data_dir, uninterrupted, capsys):
+    import shutil
+
+    from fastsft.train.run import train
+
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    before = final_weights(tmp_path / "run")
+    summary = Trainer(tiny_config(tmp_path / "run", data_dir)).fit()  # auto-resume of a complete run: nothing to do
+    assert summary["steps"] == 6
+    assert "already complete" in capsys.readouterr().err
+    assert_same_weights(final_weights(tmp_path / "run"), before)
+    assert train(tiny_config(tmp_path / "run", data_dir, resume="never")) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -290,7 +291,7 @@ class Trainer:
         if self.logger is not None:
             self.logger.write(text)
         else:
-            self._print(text, flush=True)
+            self._print(text, file=sys.stderr, flush=True)
 
     # -- setup --------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -361,10 +362,15 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def find_resume_checkpoint(self) -> Path | None:
         mode = self.cfg.resume
-        if mode == "never":
-            return None
         found = str(ckpt.latest_checkpoint(self.out_dir) or "") if self.info.is_main else None
         found = distributed.broadcast_object(found, self.info)
+        if mode == "never":
+            if found:
+                # Starting over beside an older run's checkpoints would mix the two (and pruning by step number
+                # could delete the new ones), so this is refused rather than guessed.
+                raise RunError(f"resume=never but {self.out_dir} already holds checkpoints ({Path(found).name}); use a "
+                               "new output_dir (--out) or delete them")
+            return None
         if not found:
             if mode == "always":
                 raise RunError(f"--resume: no checkpoint in {self.out_dir} (looked for {ckpt.PREFIX}* directories)")
@@ -648,6 +654,9 @@ class Trainer:
             self.load(resume_from)
             s = self.state
             self.say(f"resumed from {resume_from} at step {s.step}")
+            if s.step >= self.total_steps:
+                self.say(f"this run is already complete ({s.step}/{self.total_steps} steps); to train again use a new "
+                         "--out, or raise train.max_steps / train.num_train_epochs to continue it")
         else:
             self._last_save_step = -1
         if info.is_main:
@@ -675,7 +684,7 @@ class Trainer:
                 self.say(f"loss curve: {png}")
         summary = self.summary()
         if info.is_main:
-            self.say(format_report(summary))
+            self._print(format_report(summary), flush=True)  # the report on stdout, progress on stderr
         return summary
 
     def _announce(self) -> None:
