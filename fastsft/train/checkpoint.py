@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastsft._fsutil import replace_dir
+
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -69,38 +71,15 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
     removed = []
     if out_dir.is_dir():
         for path in out_dir.iterdir():
-            if path.name.startswith(TMP_PREFIX):
+            # ours, and what replace_dir sets aside while swapping in a re-saved step (.checkpoint-N.old-*)
+            if path.name.startswith(TMP_PREFIX) or (path.name.startswith("." + PREFIX) and ".old-" in path.name):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Durable file writes
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fsync_file(Path(dirpath) / name)
-        fsync_dir(Path(dirpath))
+# Durable writes (fsync + atomic rename: the shared helpers in fastsft._fsutil)
 
 
 def save_pause_hook(step: int) -> None:
@@ -126,19 +105,9 @@ def begin_save(out_dir: str | Path, step: int) -> Path:
 
 
 def commit_save(tmp: Path, step: int) -> Path:
-    """fsync everything in tmp, then atomically rename it to checkpoint-<step>. An existing checkpoint of the same
-    step (a re-save after resume) is replaced: renamed aside first, removed after the new one is in place."""
-    fsync_tree(tmp)
-    final = tmp.parent / checkpoint_name(step)
-    aside = None
-    if final.exists():
-        aside = tmp.parent / f"{TMP_PREFIX}old-{step:08d}-{os.getpid()}"
-        os.rename(final, aside)
-    os.rename(tmp, final)
-    fsync_dir(tmp.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-    return final
+    """fsync everything in tmp, then atomically rename it to checkpoint-<step> (an existing checkpoint of the same
+    step, a re-save after resume, is replaced: renamed aside first, removed once the new one is in place)."""
+    return replace_dir(tmp, tmp.parent / checkpoint_name(step))
 
 
 def write_json(path: Path, data: dict) -> None:
