@@ -229,3 +229,17 @@ def test_real_use_hf_model_dir_and_prepared_data(tmp_path, data_dir, capsys):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     changed = [n for n, p in reloaded.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert changed, "training changed no weight"
+
+
+def test_stopped_run_reports_no_after_evaluation(tmp_path, data_dir):
+    """A run stopped (SIGINT) before any evaluation past step 0 must not present the step-0 numbers as "after"."""
+    from fastsft.train.trainer import format_report
+
+    summary = Trainer(tiny_config(tmp_path, data_dir, eval__eval_at_start=True), stop_at_step=2).fit()
+    assert summary["steps"] == 2 and summary["initial_eval"]["step"] == 0
+    assert summary["final_eval"] is None
+    loss_row = next(line for line in format_report(summary).splitlines() if "held-out loss" in line)
+    assert loss_row.split()[-1] == "-"
+    # An evaluation taken before the stop is labelled with its step.
+    later = {**summary, "steps": 5, "final_eval": {"step": 3, "val_loss": 1.5}}
+    assert "step 3" in format_report(later) and " after" not in format_report(later)

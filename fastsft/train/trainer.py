@@ -772,7 +772,8 @@ class Trainer:
             "tokens_seen": s.tokens_seen,
             "nonfinite_steps": s.nonfinite_total,
             "initial_eval": _strip_samples(s.initial_eval),
-            "final_eval": _strip_samples(s.last_eval),
+            # A run stopped before any evaluation after step 0 has no "after": the start's evaluation is not one.
+            "final_eval": _strip_samples(s.last_eval if s.last_eval and s.last_eval.get("step", 0) > 0 else None),
             "best_val_loss": s.best_val_loss,
             "best_checkpoint": s.best_checkpoint,
             "output_dir": str(self.out_dir),
@@ -839,7 +840,9 @@ def format_report(summary: dict) -> str:
             ("exact match (greedy)", "exact_match", "{:.1%}")]
     shown = [(label, key, fmt) for label, key, fmt in rows if key in before or key in after]
     if shown:
-        lines.append(f"  {'':22s} {'before':>10s} {'after':>10s}")
+        # An evaluation older than the last step (a stopped run) is labelled with its step, not "after".
+        after_label = "after" if after.get("step", summary["steps"]) == summary["steps"] else f"step {after['step']}"
+        lines.append(f"  {'':22s} {'before':>10s} {after_label:>10s}")
         for label, key, fmt in shown:
             b = fmt.format(before[key]) if key in before else "-"
             a = fmt.format(after[key]) if key in after else "-"
