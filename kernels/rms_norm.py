@@ -31,6 +31,8 @@ MAX_HIDDEN = 65536
 # there is no GPU (the interpreter runs programs one after another).
 PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 4
+# Backward: rows up to this block keep the weight in registers; longer ones re-read it per row (see launch_config).
+HOLD_WEIGHT_MAX_BLOCK = 4096
 
 
 @triton.jit
@@ -66,12 +68,14 @@ def _rms_norm_bwd_kernel(
     stride_dy, stride_s, stride_dsum, stride_dx,
     n_rows, n_cols, rows_per_program, offset,
     HAS_DSUM: tl.constexpr,
+    HOLD_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    if HOLD_WEIGHT:  # small rows: keep the weight in registers for the whole walk
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     # int64 row bounds so row * stride cannot overflow on large activations.
     row_start = pid.to(tl.int64) * rows_per_program
@@ -81,6 +85,8 @@ def _rms_norm_bwd_kernel(
         s = tl.load(S + row64 * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row64)
         xhat = s * rstd
+        if not HOLD_WEIGHT:  # long rows: re-read the weight (an L1/L2 hit) rather than spill registers holding it
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
         g = dy * w
         ds = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
         if HAS_DSUM:
@@ -90,17 +96,27 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
 
 
-def launch_config(n_cols: int) -> tuple[int, int]:
+def launch_config(n_cols: int, backward: bool = False) -> tuple[int, int]:
     """(BLOCK, num_warps) for a row of `n_cols` elements: the one place launch shapes are chosen.
 
     One program holds a whole row, so BLOCK is the next power of two (masked); warps grow with the row so each
-    thread keeps a handful of elements in registers (8 fp32 values per thread up to 16384 columns).
+    thread keeps a handful of elements in registers (8 fp32 values per thread per row array up to 4096 columns, 16
+    up to 16384 in the forward). The backward keeps four row arrays live (dy, s, the dweight accumulator and, for
+    rows up to HOLD_WEIGHT_MAX_BLOCK, the weight), so from 8192 columns it takes 32 warps: with 16 it hit the
+    128-register cap and spilled (bench/kernel_resources.py, compiled for sm_90).
     """
     if not 1 <= n_cols <= MAX_HIDDEN:
         raise ValueError(f"rms_norm: hidden size {n_cols} is outside the supported range 1..{MAX_HIDDEN}")
     block = triton.next_power_of_2(n_cols)
     num_warps = min(max(block // 256, 1), 16) if block <= 16384 else 32
+    if backward and block >= 8192:
+        num_warps = 32
     return block, num_warps
+
+
+def holds_weight(block: int) -> bool:
+    """Whether the backward keeps the weight row in registers across its rows (else it re-reads it per row)."""
+    return block <= HOLD_WEIGHT_MAX_BLOCK
 
 
 @functools.cache
@@ -143,7 +159,7 @@ def rms_norm_bwd(
     n_rows, n_cols = s.shape
     if n_rows == 0:
         return torch.zeros(n_cols, device=s.device, dtype=torch.float32)
-    block, num_warps = launch_config(n_cols)
+    block, num_warps = launch_config(n_cols, backward=True)
     programs = persistent_programs(s.device, n_rows)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)  # drop programs that would get no rows
@@ -153,6 +169,6 @@ def rms_norm_bwd(
         dy, s, weight, rstd, dsum if has_dsum else dy, dx, dw_partial,
         dy.stride(0), s.stride(0), dsum.stride(0) if has_dsum else 0, dx.stride(0),
         n_rows, n_cols, rows_per_program, offset,
-        HAS_DSUM=has_dsum, BLOCK=block, num_warps=num_warps,
+        HAS_DSUM=has_dsum, HOLD_WEIGHT=holds_weight(block), BLOCK=block, num_warps=num_warps,
     )
     return dw_partial.sum(0)
