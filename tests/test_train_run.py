@@ -243,3 +243,23 @@ def test_stopped_run_reports_no_after_evaluation(tmp_path, data_dir):
     # An evaluation taken before the stop is labelled with its step.
     later = {**summary, "steps": 5, "final_eval": {"step": 3, "val_loss": 1.5}}
     assert "step 3" in format_report(later) and " after" not in format_report(later)
+
+
+def test_bad_model_or_tokenizer_is_a_clear_error_not_a_traceback(tmp_path, data_dir, capsys):
+    """--model that is not a model directory, a checkpoint of an unsupported architecture and a bad --tokenizer are
+    reported by name (exit code 1), not raised."""
+    import transformers
+
+    missing = tmp_path / "no_such_model"
+    assert train(tiny_config(tmp_path / "a", data_dir, model__path=str(missing), model__tokenizer="null")) == 1
+    err = capsys.readouterr().err
+    assert f"model.path={missing} (--model): no config.json there" in err and "--tokenizer" not in err
+
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2).save_pretrained(gpt2)
+    assert train(tiny_config(tmp_path / "b", data_dir, model__path=str(gpt2))) == 1
+    err = capsys.readouterr().err
+    assert "model_type 'gpt2' is not supported; supported: llama" in err and str(gpt2) in err
+
+    assert train(tiny_config(tmp_path / "c", data_dir, model__tokenizer=str(tmp_path / "no_tok"))) == 1
+    assert "not 'byte' and not a directory" in capsys.readouterr().err

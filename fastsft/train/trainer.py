@@ -149,6 +149,15 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
     return (train_dir, "train"), val
 
 
+def require_model_dir(cfg: TrainConfig) -> Path:
+    """model.path as a Path, or a RunError naming the option when it is not a Hugging Face model directory."""
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise RunError(f"model.path={path} (--model): no config.json there; give a local Hugging Face model directory "
+                       "(config.json + safetensors). Nothing is downloaded.")
+    return path
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
     """The model on `device`: loaded from model.path, or new from the model.* fields (seeded by train.seed)."""
     from fastsft.model import ModelConfig, Transformer
@@ -157,10 +166,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
     if cfg.model.dtype == "auto":
         dtype = torch.float32  # fp32 master weights; compute runs in bf16 through autocast / FSDP's param_dtype
     if cfg.model.path:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
-            raise RunError(f"model.path={path}: no config.json there; give a local Hugging Face model directory")
-        model = Transformer.from_pretrained(str(path), dtype=dtype, device=device)
+        path = require_model_dir(cfg)
+        try:
+            model = Transformer.from_pretrained(str(path), dtype=dtype, device=device)
+        except ValueError as e:  # an unsupported or inconsistent checkpoint: the message says what is supported
+            raise RunError(str(e) if str(path) in str(e) else f"model.path={path}: {e}") from None
         embed_rows = model.config.vocab_size
         if vocab_size > embed_rows:
             raise RunError(
@@ -309,7 +319,12 @@ class Trainer:
                 self.say(f"removed {stale.name} (a checkpoint save that did not finish)")
         distributed.barrier(info)
 
-        self.tokenizer = load_tokenizer(resolve_tokenizer_spec(cfg))
+        if cfg.model.path:
+            require_model_dir(cfg)  # before the tokenizer, which defaults to the model directory
+        try:
+            self.tokenizer = load_tokenizer(resolve_tokenizer_spec(cfg))
+        except ValueError as e:  # not 'byte' and not a tokenizer directory: the message says what to give
+            raise RunError(str(e)) from None
         (train_dir, train_split), val = prepare_data(cfg, self.tokenizer, info, self.say)
         self.train_data = open_shards(train_dir, train_split, vocab_size=self.tokenizer.vocab_size)
         self.val_data = open_shards(val[0], val[1], vocab_size=self.tokenizer.vocab_size) if val else None
