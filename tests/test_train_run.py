@@ -263,3 +263,30 @@ def test_bad_model_or_tokenizer_is_a_clear_error_not_a_traceback(tmp_path, data_
 
     assert train(tiny_config(tmp_path / "c", data_dir, model__tokenizer=str(tmp_path / "no_tok"))) == 1
     assert "not 'byte' and not a directory" in capsys.readouterr().err
+
+
+def test_prepared_directory_of_another_tokenizer_is_refused(tmp_path, data_dir, capsys):
+    """--data PREPARED_DIR tokenized by the byte tokenizer, trained with a Hugging Face tokenizer of another
+    vocabulary: its ids would train silently on the wrong text, so the run stops and says how to fix it."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastsft.data.prepare import prepare_dataset
+
+    prepared = tmp_path / "prepared_byte"
+    prepare_dataset([str(data_dir / "train.jsonl")], "byte", prepared, progress=False)
+    vocab = {f"w{i}": i for i in range(300)} | {"<unk>": 300, "<|end|>": 301}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=hf, unk_token="<unk>", eos_token="<|end|>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}"
+    tok.save_pretrained(tmp_path / "hf_tok")
+    cfg = tiny_config(tmp_path / "run", data_dir, data__train_files=json.dumps([str(prepared)]),
+                      data__val_files="[]", model__tokenizer=str(tmp_path / "hf_tok"))
+    assert train(cfg) == 1
+    err = capsys.readouterr().err
+    assert f"{prepared} was prepared with tokenizer 'byte'" in err and "prepare the data again" in err
+    # The same directory with the tokenizer it was prepared with trains.
+    cfg = tiny_config(tmp_path / "ok", data_dir, data__train_files=json.dumps([str(prepared)]), data__val_files="[]",
+                      train__max_steps=1)
+    assert train(cfg) == 0

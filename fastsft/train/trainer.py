@@ -129,6 +129,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
 
     def prepare(paths, val_fraction):
         if len(paths) == 1 and Path(paths[0]).is_dir():
+            check_prepared_tokenizer(Path(paths[0]), tokenizer, say if info.is_main else lambda _: None)
             return Path(paths[0])
         for p in paths:
             if Path(p).is_dir():
@@ -147,6 +148,30 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
     else:
         val = None
     return (train_dir, "train"), val
+
+
+def check_prepared_tokenizer(prepared: Path, tokenizer, say) -> None:
+    """A prepared directory must hold the ids of the run's tokenizer: another tokenizer's ids that fit the vocabulary
+    would train silently on the wrong text. A different kind (byte vs Hugging Face) with a different vocabulary size
+    is an error; any other difference only a note: re-saving a tokenizer changes its files, not its ids, the byte
+    tokenizer saved as a Hugging Face one gives the same ids, and added tokens keep the old ids."""
+    import json
+
+    manifest_path = prepared / "manifest.json"
+    if not manifest_path.is_file():
+        return  # a bare directory of shards: nothing recorded to compare
+    saved = json.loads(manifest_path.read_text()).get("tokenizer") or {}
+    now = tokenizer.identity()
+    if saved.get("kind") != now["kind"] and saved.get("vocab_size") != now["vocab_size"]:
+        raise RunError(
+            f"data: {prepared} was prepared with tokenizer {saved.get('name')!r} ({saved.get('kind')}, vocab "
+            f"{saved.get('vocab_size')}) but this run uses {now['name']!r} ({now['kind']}, vocab {now['vocab_size']}); "
+            "prepare the data again with the run's tokenizer (fastsft prepare --tokenizer DIR), or pass the raw "
+            ".jsonl files to --data"
+        )
+    if saved.get("hash") != now["hash"]:
+        say(f"note: {prepared} was prepared with tokenizer {saved.get('name')!r} (vocab {saved.get('vocab_size')}), "
+            f"not exactly this run's {now['name']!r} (vocab {now['vocab_size']}); make sure they give the same ids")
 
 
 def require_model_dir(cfg: TrainConfig) -> Path:
