@@ -38,7 +38,7 @@ def _opt(default, doc: str, choices: tuple | None = None):
 class ModelSection:
     path: str | None = _opt(None, "local Hugging Face model directory to fine-tune; null builds a new model from the fields below (the demo)")
     tokenizer: str | None = _opt(None, "tokenizer: a directory, or 'byte' for the built-in byte tokenizer; null = the model directory's, or 'byte' for a new model")
-    dtype: str = _opt("auto", "parameter dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16", ("auto", "float32", "bfloat16"))
+    dtype: str = _opt("auto", "parameter dtype: auto (float32 master weights; a GPU computes in bf16, see train.precision), float32, bfloat16", ("auto", "float32", "bfloat16"))
     hidden_size: int = _opt(192, "new model only: hidden size")
     intermediate_size: int = _opt(512, "new model only: SwiGLU inner size")
     num_hidden_layers: int = _opt(4, "new model only: number of transformer blocks")
