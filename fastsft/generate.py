@@ -180,6 +180,10 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     path = Path(args.model)
+    if not path.is_dir():  # checked first: the tokenizer lookup would blame a missing tokenizer.json instead
+        print(f"fastsft generate: --model {path}: no such directory; give a Hugging Face model directory or a "
+              "fastsft checkpoint", file=sys.stderr)
+        return 2
     try:
         tokenizer = load_tokenizer_for(path, args.tokenizer)
         model = load_model(path, device=device)

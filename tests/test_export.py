@@ -94,3 +94,9 @@ def test_generate_command(run_dir, capsys):
 def test_export_errors_are_clear(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "neither a fastsft checkpoint" in capsys.readouterr().err
+
+
+def test_generate_missing_model_directory_is_named(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {tmp_path / 'nope'}: no such directory" in err and "tokenizer.json" not in err
