@@ -120,7 +120,7 @@ class LogSection:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _opt("fastsft-out", "run directory: metrics.jsonl, checkpoints, exported model")
+    output_dir: str = _opt("fastsft-out", "run directory: metrics.jsonl, checkpoints (fastsft export turns one into a Hugging Face model)")
     resume: str = _opt("auto", "auto: continue from the newest checkpoint in output_dir if any; never; always (error if none)", ("auto", "never", "always"))
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
