@@ -94,9 +94,12 @@ def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 1
                                            return_dict=True)
     model.eval()
     with torch.no_grad():
+        # Stop at the end of the assistant turn as well as at eos (the byte tokenizer's template closes turns with
+        # <|end|>).
+        stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
         out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=[i for i in stop_ids if i is not None])
+    return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def parse_args(argv=None):
