@@ -206,5 +206,6 @@ def run(args) -> int:
     with autocast:
         (output,) = generate_batch(model, [prompt_ids], args.max_new_tokens, stop_ids=tokenizer.stop_ids,
                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(tokenizer.decode(output))
+    # Special tokens (a sampled <pad>, the closing end-of-turn) are markup, not text: keep them out of the answer.
+    print(tokenizer.decode(output, skip_special_tokens=True))
     return 0

@@ -243,6 +243,14 @@ def test_backend_dispatch(monkeypatch, env, expect_kernel):
     assert len(calls) == (2 if expect_kernel else 0)
 
 
+def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    """Compiled Triton cannot take CPU tensors: say how to fix it instead of failing inside the kernel launch."""
+    monkeypatch.setenv("FASTSFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # only this check reads it now; the kernels were built earlier
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        rms_norm(torch.randn(3, 64), torch.randn(64))
+
+
 # --- input errors ----------------------------------------------------------------------------------------------------
 
 

@@ -134,6 +134,14 @@ def test_byte_text_and_prompt():
     assert set(tok.stop_ids) == {tok.eos_id, tok.end_id}
 
 
+def test_decode_can_skip_special_tokens():
+    """Generation output shows text only: special tokens (a sampled <pad>, the closing <|end|>) are dropped."""
+    tok = load_tokenizer("byte")
+    ids = tok.prompt_ids([{"role": "user", "content": "héllo"}]) + tok.encode("wörld") + [tok.pad_id, tok.eos_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "héllowörld"
+    assert tok.decode(ids).startswith("<bos><|user|>héllo<|end|><|assistant|>wörld")
+
+
 def test_byte_special_strings_in_content_stay_bytes():
     tok = ByteTokenizer()
     ids, _ = tok.encode_conversation([{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "x"}])

@@ -167,7 +167,7 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         out, run = [], bytearray()
         for i in ids:
             i = int(i)
@@ -176,7 +176,8 @@ class ByteTokenizer(Tokenizer):
                 continue
             out.append(run.decode("utf-8", errors="replace"))
             run = bytearray()
-            out.append(BYTE_SPECIAL_TOKENS[i - 256] if i - 256 < len(BYTE_SPECIAL_TOKENS) else f"<|id{i}|>")
+            if not skip_special_tokens:
+                out.append(BYTE_SPECIAL_TOKENS[i - 256] if i - 256 < len(BYTE_SPECIAL_TOKENS) else f"<|id{i}|>")
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
@@ -284,8 +285,9 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
-    def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens,
+                               clean_up_tokenization_spaces=False)
 
     def encode_text(self, text):
         ids = list(self.tok(text, add_special_tokens=True)["input_ids"])

@@ -27,5 +27,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if choice == "reference":
         return False
     if choice == "triton":
+        on_cpu = [t for t in tensors if isinstance(t, torch.Tensor) and not t.is_cuda]
+        if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                f"FASTSFT_BACKEND=triton was asked for with tensors on {on_cpu[0].device}: the Triton kernels run on "
+                "CPU tensors only in the interpreter. Set TRITON_INTERPRET=1 before starting Python, move the "
+                "tensors to CUDA, or unset FASTSFT_BACKEND to use the PyTorch reference on CPU."
+            )
         return True
     return all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
