@@ -137,23 +137,33 @@ def _chunk_logits(h_chunk, weight, bias, out) -> torch.Tensor:
     return torch.addmm(bias, h_chunk, weight.t(), out=out)
 
 
+def _logit_chunks(hidden, weight, bias):
+    """Plan the chunks of rows (from the memory budget) and return (generator, number of chunks). The generator
+    yields (start, stop, hidden rows, their logits) with every chunk's logits written into one reused buffer, so
+    at most chunk x V logits exist at a time."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk = plan_chunk_rows(n_rows, vocab, hidden.element_size())
+
+    def chunks():
+        buffer = torch.empty(min(chunk, n_rows), vocab, device=hidden.device, dtype=hidden.dtype)
+        for start in range(0, n_rows, chunk):
+            stop = min(start + chunk, n_rows)
+            h_chunk = hidden[start:stop]
+            yield start, stop, h_chunk, _chunk_logits(h_chunk, weight, bias, buffer[: stop - start])
+
+    return chunks(), -(-n_rows // chunk)
+
+
 def fused_forward(
     hidden, weight, labels, bias, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
     losses, lse, hits, dhidden=None, dweight=None, dbias=None,
 ) -> None:
     """Fill losses, lse (fp32 [M]) and hits (int32 [M]); when dhidden [M, H], dweight [V, H] or dbias [V] are given,
     fill them with the gradients of sum(losses)."""
-    n_rows = hidden.shape[0]
-    vocab = weight.shape[0]
     want_grad = dhidden is not None or dweight is not None or dbias is not None
-    chunk = plan_chunk_rows(n_rows, vocab, hidden.element_size())
-    n_chunks = -(-n_rows // chunk)
+    chunks, n_chunks = _logit_chunks(hidden, weight, bias)
     sinks = _GradSinks(dhidden, dweight, dbias, n_chunks) if want_grad else None
-    buffer = torch.empty(min(chunk, n_rows), vocab, device=hidden.device, dtype=hidden.dtype)
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        h_chunk = hidden[start:stop]
-        logits = _chunk_logits(h_chunk, weight, bias, buffer[: stop - start])
+    for start, stop, h_chunk, logits in chunks:
         cross_entropy_rows(
             logits, labels[start:stop], ignore_index, label_smoothing, z_loss, softcap,
             loss=losses[start:stop], lse=lse[start:stop], hit=hits[start:stop],
@@ -171,15 +181,9 @@ def fused_backward(
 ) -> None:
     """Fill whichever of dhidden, dweight, dbias are given with the gradients of sum(grad_losses * losses),
     recomputing each chunk's logits (lse comes from the forward, so only the gradient sweep runs)."""
-    n_rows = hidden.shape[0]
-    vocab = weight.shape[0]
-    chunk = plan_chunk_rows(n_rows, vocab, hidden.element_size())
-    sinks = _GradSinks(dhidden, dweight, dbias, -(-n_rows // chunk))
-    buffer = torch.empty(min(chunk, n_rows), vocab, device=hidden.device, dtype=hidden.dtype)
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        h_chunk = hidden[start:stop]
-        logits = _chunk_logits(h_chunk, weight, bias, buffer[: stop - start])
+    chunks, n_chunks = _logit_chunks(hidden, weight, bias)
+    sinks = _GradSinks(dhidden, dweight, dbias, n_chunks)
+    for start, stop, h_chunk, logits in chunks:
         cross_entropy_rows(
             logits, labels[start:stop], ignore_index, label_smoothing, z_loss, softcap,
             lse=lse[start:stop], grad=logits, row_scale=grad_losses[start:stop],

@@ -220,25 +220,22 @@ def normalize_record(record: dict, fmt: str, path=None, line: int | None = None,
     if fmt == "prompt-completion":
         prompt, completion = text_field("prompt"), text_field("completion")
         return _with_system(text_field("system", optional=True), [_msg("user", prompt), _msg("assistant", completion)])
-    if fmt == "messages":
-        turns = _turn_list(record, "messages", fail)
+    def turns(list_field, role_field, content_field, role_names, noun):
+        """The turns of a chat record as messages; role_names maps each accepted name to its role."""
         messages = []
-        for i, turn in enumerate(turns):
-            role = text_field("role", obj=turn, label=f"messages[{i}].role")
-            if role not in ROLES:
-                fail(f"unknown role '{role}' (expected one of {', '.join(ROLES)})", f"messages[{i}].role")
-            messages.append(_msg(role, text_field("content", obj=turn, label=f"messages[{i}].content")))
+        for i, turn in enumerate(_turn_list(record, list_field, fail)):
+            where = f"{list_field}[{i}]"
+            name = text_field(role_field, obj=turn, label=f"{where}.{role_field}")
+            if name not in role_names:
+                fail(f"unknown {noun} '{name}' (expected one of {', '.join(role_names)})", f"{where}.{role_field}")
+            messages.append(_msg(role_names[name], text_field(content_field, obj=turn, label=f"{where}.{content_field}")))
+        return messages
+
+    if fmt == "messages":
+        messages = turns("messages", "role", "content", {role: role for role in ROLES}, "role")
         return _check_conversation(messages, "messages", fail)
     if fmt == "sharegpt":
-        turns = _turn_list(record, "conversations", fail)
-        messages = []
-        for i, turn in enumerate(turns):
-            speaker = text_field("from", obj=turn, label=f"conversations[{i}].from")
-            if speaker not in SHAREGPT_ROLES:
-                fail(f"unknown speaker '{speaker}' (expected one of {', '.join(SHAREGPT_ROLES)})",
-                     f"conversations[{i}].from")
-            messages.append(_msg(SHAREGPT_ROLES[speaker], text_field("value", obj=turn,
-                                                                     label=f"conversations[{i}].value")))
+        messages = turns("conversations", "from", "value", SHAREGPT_ROLES, "speaker")
         messages = _with_system(text_field("system", optional=True), messages)
         return _check_conversation(messages, "conversations", fail)
     raise ValueError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
