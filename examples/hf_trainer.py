@@ -102,6 +102,15 @@ def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 1
     return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def train_and_report(trainer, model, tokenizer, conversations, patched: bool) -> list[float]:
+    """Train, print the logged losses and one greedy reply; return the losses (the tests compare them)."""
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print("fastsft" if patched else "unpatched", "losses:", " ".join(f"{x:.4f}" for x in losses))
+    print("greedy reply:", repr(greedy_reply(model, tokenizer, conversations[0][:1])))
+    return losses
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps")
@@ -128,11 +137,7 @@ def main(argv=None) -> list[float]:
                                                  args.accumulation),
             train_dataset=tokenize_conversations(conversations), data_collator=collator,
         )
-        trainer.train()
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        print("fastsft" if not args.no_fastsft else "unpatched", "losses:", " ".join(f"{x:.4f}" for x in losses))
-        print("greedy reply:", repr(greedy_reply(model, tokenizer, conversations[0][:1])))
-    return losses
+        return train_and_report(trainer, model, tokenizer, conversations, patched=not args.no_fastsft)
 
 
 if __name__ == "__main__":

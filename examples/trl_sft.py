@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_trainer.py beside this file
 
-from hf_trainer import byte_tokenizer, greedy_reply, load_conversations, tiny_llama  # noqa: E402
+from hf_trainer import byte_tokenizer, load_conversations, tiny_llama, train_and_report  # noqa: E402
 
 from fastsft.integrations.transformers import apply as apply_fastsft  # noqa: E402
 
@@ -77,11 +77,7 @@ def main(argv=None) -> list[float]:
             model=model, processing_class=tokenizer, train_dataset=prompt_completion_dataset(conversations),
             args=sft_config(args.output_dir or tmp, args.steps, args.batch_size, args.accumulation),
         )
-        trainer.train()
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        print("fastsft" if not args.no_fastsft else "unpatched", "losses:", " ".join(f"{x:.4f}" for x in losses))
-        print("greedy reply:", repr(greedy_reply(model, tokenizer, conversations[0][:1])))
-    return losses
+        return train_and_report(trainer, model, tokenizer, conversations, patched=not args.no_fastsft)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ def loop_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
     out = torch.zeros_like(q)
+    # Host sync, on purpose: this is the per-document reference (tests, debugging). It is never auto-selected; it runs
+    # only when asked for by name or FASTSFT_ATTENTION=loop, never in a compiled step.
     offsets = cu_seqlens.tolist()
     for start, end in zip(offsets[:-1], offsets[1:], strict=True):
         if end <= start:

@@ -475,6 +475,7 @@ class Transformer(nn.Module):
             tensor = self.get_parameter(ours).detach()
             if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor: gather the full matrix
                 tensor = tensor.full_tensor()
+            # Save path, not the step: safetensors writes from host memory, so each weight is copied to the CPU once.
             tensors[theirs] = tensor.to(dtype or tensor.dtype).contiguous().cpu()
         saved_dtype = dtype or self.embed_tokens.weight.dtype
         files = {

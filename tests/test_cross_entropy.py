@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_loss import reduce_and_backward
 from torch.profiler import profile
 
 from fastsft.ops import CrossEntropyLoss, cross_entropy, cross_entropy_reference
@@ -34,15 +35,8 @@ def float64_loss_and_grad(logits, labels, reduction, row_weights=None, num_items
     """(loss, d loss / d logits) in float64; for reduction "none" the backward seeds row_weights."""
     x = logits.detach().double().requires_grad_()
     losses = float64_token_losses(x, labels.reshape(-1) if x.dim() == 2 else labels, **options)
-    if reduction == "none":
-        loss = losses
-        (losses * row_weights.double()).sum().backward()
-    else:
-        loss = losses.sum()
-        if reduction == "mean":
-            loss = loss / (num_items if num_items is not None else (labels != IGNORE).sum().clamp(min=1))
-        loss.backward()
-    return loss.detach(), x.grad
+    loss = reduce_and_backward(losses, labels != IGNORE, reduction, row_weights, num_items)
+    return loss, x.grad
 
 
 def random_case(n=N, v=V, dtype=torch.float32, ignore_every=4):

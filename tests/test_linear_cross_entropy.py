@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_loss import reduce_and_backward
 from torch.profiler import profile
 
 from fastsft.ops import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference
@@ -44,16 +45,9 @@ def float64_reference(hidden, weight, labels, bias=None, reduction="mean", row_w
     losses = F.cross_entropy(z, y, ignore_index=IGNORE, reduction="none", label_smoothing=label_smoothing)
     if z_loss:
         losses = losses + z_loss * torch.logsumexp(z, -1).square() * (y != IGNORE)
-    if reduction == "none":
-        loss = losses
-        (losses * row_weights.double()).sum().backward()
-    else:
-        loss = losses.sum()
-        if reduction == "mean":
-            loss = loss / (num_items if num_items is not None else (y != IGNORE).sum().clamp(min=1))
-        loss.backward()
+    loss = reduce_and_backward(losses, y != IGNORE, reduction, row_weights, num_items)
     num_correct = ((logits.argmax(-1) == y) & (y != IGNORE)).sum()
-    return loss.detach(), num_correct, h.grad, w.grad, None if b is None else b.grad, logits.detach()
+    return loss, num_correct, h.grad, w.grad, None if b is None else b.grad, logits.detach()
 
 
 def random_case(n=N, dtype=torch.float32, bias=True, ignore_every=3):
@@ -72,7 +66,7 @@ def run_op(fn, hidden, weight, labels, bias=None, reduction="mean", row_weights=
     b = bias.detach().clone().requires_grad_() if bias is not None else None
     loss, num_correct = fn(h, w, labels, b, reduction=reduction, return_num_correct=True, **kwargs)
     (loss * row_weights if reduction == "none" else loss).sum().backward()
-    return loss.detach(), num_correct, h.grad, w.grad, None if b is None else b.grad
+    return loss, num_correct, h.grad, w.grad, None if b is None else b.grad
 
 
 def assert_grads_close(got, ref, dtype):
