@@ -34,10 +34,9 @@ import numpy as np
 
 from fastsft._fsutil import replace_dir
 from fastsft.data.formats import FORMATS, DataError, detect_file_format, iter_raw_records, load_record, normalize_record
+from fastsft.data.manifest import MANIFEST_FORMAT_VERSION, MANIFEST_NAME, write_manifest
 from fastsft.data.tokenizer import TRAIN_ON, Tokenizer, load_tokenizer
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 CHUNK_RECORDS = 256  # records per worker task: large enough to amortize IPC, small enough to keep workers busy
 MAX_BAD_EXAMPLES = 5
@@ -411,7 +410,7 @@ def _write_dataset(data_files, formats, tokenizer, staging: Path, options: dict,
         "warnings": warnings,
         "seconds": round(time.time() - started, 3),
     }
-    write_json_atomic(staging / MANIFEST_NAME, manifest)
+    write_manifest(staging, manifest)
     return manifest
 
 
@@ -446,16 +445,6 @@ def _progress_bar(total_bytes: int, progress: bool):
 
     enabled = progress and sys.stderr.isatty()
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not enabled, leave=False)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fastsft_version() -> str:

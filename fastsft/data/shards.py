@@ -272,6 +272,8 @@ class ShardFile:
 
     def __init__(self, path, verify: bool = False):
         self.path = str(path)
+        if os.path.isdir(path):
+            raise ShardError(f"{path}: a directory, not a shard file")
         try:
             size = os.path.getsize(path)
         except OSError as e:
@@ -302,7 +304,7 @@ class ShardFile:
     def _parse_header(self, raw: bytes, size: int) -> tuple:
         path = self.path
         if raw[:8] != MAGIC:
-            raise ShardError(f"{path}: not a fastsft shard (magic {raw[:8]!r}, expected {MAGIC!r})")
+            raise ShardError(f"{path}: not a fastsft shard (its first bytes are not the magic {MAGIC!r})")
         version = struct.unpack_from("<I", raw, 8)[0]
         if version != FORMAT_VERSION:
             raise ShardError(
@@ -401,28 +403,19 @@ class ShardDataset:
 
 def shard_paths(path, split: str = "train") -> list[Path]:
     """The shard files `open_shards(path, split)` reads (see its docstring for the three accepted forms)."""
+    from fastsft.data import manifest as manifest_lib
+
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise ShardError(f"{path}: no such shard file or directory")
-    manifest_path = path / "manifest.json"
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ShardError(f"{manifest_path}: cannot read manifest ({e})") from e
-        try:
-            files = manifest["splits"][split]["files"]
-        except (KeyError, TypeError) as e:
-            splits = list(manifest.get("splits", {})) if isinstance(manifest, dict) else []
-            raise ShardError(f"{manifest_path}: no split {split!r} with a 'files' list (splits: {splits})") from e
-        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-            raise ShardError(f"{manifest_path}: splits.{split}.files must be a list of file names")
-        return [path / f for f in files]
+    if manifest_lib.has_manifest(path):
+        return manifest_lib.split_paths(path, manifest_lib.read_manifest(path), split)
     files = sorted(path.glob(f"*{SHARD_SUFFIX}"))
     if not files:
-        raise ShardError(f"{path}: no manifest.json and no *{SHARD_SUFFIX} files; run `fastsft prepare` first")
+        raise ShardError(f"{path}: no {manifest_lib.MANIFEST_NAME} and no *{SHARD_SUFFIX} files; run `fastsft prepare` "
+                         "first")
     return files
 
 
@@ -433,8 +426,13 @@ def open_shards(path, split: str = "train", vocab_size: int | None = None, verif
     `vocab_size`: raise ShardError naming the file if any token id is >= vocab_size (O(1): max id is in the header).
     `verify`: also check each file's payload crc32 (a full read). An empty dataset is an error.
     """
+    from fastsft.data import manifest as manifest_lib
+
     paths = shard_paths(path, split)
-    dataset = ShardDataset([ShardFile(p, verify=verify) for p in paths])
+    shards = [ShardFile(p, verify=verify) for p in paths]
+    if Path(path).is_dir() and manifest_lib.has_manifest(path):
+        manifest_lib.check_against_shards(path, manifest_lib.read_manifest(path), split, shards)
+    dataset = ShardDataset(shards)
     if len(dataset) == 0:
         raise ShardError(f"{path}: dataset has no documents (split {split!r}, files: {[str(p) for p in paths]})")
     if vocab_size is not None:

@@ -97,21 +97,9 @@ def default_cache_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir).resolve().parent / ".cache" / "fastsft"
 
 
-def _split_size(prepared: Path, split: str) -> int:
-    import json
-
-    manifest_path = prepared / "manifest.json"
-    if not manifest_path.is_file():
-        return -1  # a bare directory of shards: let open_shards decide
-    manifest = json.loads(manifest_path.read_text())
-    info = manifest.get("splits", {}).get(split) or {}
-    if not info.get("files"):
-        return 0
-    return int(info.get("documents", 1))
-
-
 def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -> tuple[tuple, tuple | None]:
     """((train_dir, split), (val_dir, split) or None). Raw files are prepared once (rank 0), cached by content hash."""
+    from fastsft.data.manifest import split_documents
     from fastsft.data.prepare import prepare_cached
 
     files = [str(f) for f in cfg.data.train_files]
@@ -143,7 +131,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
     train_dir = prepare(files, 0.0 if cfg.data.val_files else cfg.data.val_fraction)
     if cfg.data.val_files:
         val = (prepare([str(f) for f in cfg.data.val_files], 0.0), "train")
-    elif _split_size(train_dir, "val") != 0 and (train_dir / "manifest.json").is_file():
+    elif split_documents(train_dir, "val"):  # None: no manifest; 0: no val split
         val = (train_dir, "val")
     else:
         val = None
@@ -155,12 +143,11 @@ def check_prepared_tokenizer(prepared: Path, tokenizer, say) -> None:
     would train silently on the wrong text. A different kind (byte vs Hugging Face) with a different vocabulary size
     is an error; any other difference only a note: re-saving a tokenizer changes its files, not its ids, the byte
     tokenizer saved as a Hugging Face one gives the same ids, and added tokens keep the old ids."""
-    import json
+    from fastsft.data.manifest import recorded_tokenizer
 
-    manifest_path = prepared / "manifest.json"
-    if not manifest_path.is_file():
+    saved = recorded_tokenizer(prepared)
+    if saved is None:
         return  # a bare directory of shards: nothing recorded to compare
-    saved = json.loads(manifest_path.read_text()).get("tokenizer") or {}
     now = tokenizer.identity()
     if saved.get("kind") != now["kind"] and saved.get("vocab_size") != now["vocab_size"]:
         raise RunError(
