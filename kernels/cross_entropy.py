@@ -14,7 +14,8 @@ and an all-zero gradient row. A label outside [0, V) that is not ignore_index gi
 (a device-side error would need a host sync; NaN is loud and free).
 
 One kernel, three jobs chosen by compile-time flags, one program per row looping over the row in BLOCK columns:
-    COMPUTE_LSE  sweep 1: online max / sum of exp (one read of the row) -> loss, lse, argmax hit.
+    COMPUTE_LSE  sweep 1: online max / sum of exp and the label's logit (one read of the row, nothing read again
+                 after it) -> loss, lse, argmax hit.
                  Without it lse is loaded from LSE (the backward of `cross_entropy`, which saved it).
     WRITE_GRAD   sweep 2: reads the row again and writes the gradient times a per-row scale into GRAD, which may be
                  the logits buffer itself (each block is read before it is overwritten).
@@ -84,6 +85,7 @@ def _cross_entropy_kernel(
         running_max = float("-inf")
         running_sum = 0.0
         sum_z = 0.0
+        z_label = 0.0
         best = float("-inf")
         best_col = 0
         for start in range(0, n_cols, BLOCK):
@@ -101,11 +103,14 @@ def _cross_entropy_kernel(
             new_max = tl.maximum(running_max, block_max)
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
             running_max = new_max
+            # The label's logit is taken here, from the block already in registers: reading it back from memory
+            # after this sweep would race with the gradient sweep below when GRAD is this same buffer (another
+            # warp may already have overwritten it), and would cost a second read.
+            z_label += tl.sum(tl.where((cols == label) & mask, z, 0.0), axis=0)
             if HAS_SMOOTHING:
                 sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
         lse = running_max + tl.log(running_sum)
-        x_label = tl.load(logits_row + label, mask=label_ok, other=0.0).to(tl.float32)
-        loss = lse - _softcapped(x_label, softcap, HAS_SOFTCAP)
+        loss = lse - z_label
         if HAS_SMOOTHING:
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_z / n_cols)
         if HAS_Z_LOSS:

@@ -325,3 +325,41 @@ def test_gpu_realistic_vocab_sizes(vocab):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)
         err = (x.grad.float() - ref.grad).abs()
         assert (err <= 2**-8 * ref.grad.abs() + 1e-6 * ref.grad.abs().max()).all()
+
+
+def test_fused_sweeps_read_each_logit_once_per_sweep(triton_interpret, monkeypatch):
+    """Loss and gradient in one launch, the gradient written over the logits (what the fused linear cross-entropy
+    does): every logit of a supervised row is read exactly twice, once per sweep, and ignored rows not at all.
+
+    A third read of the label's logit after sweep 1 is a race on a GPU: the gradient sweep of other warps may already
+    have overwritten it, giving a wrong loss for that row. The interpreter runs one thread, so the race cannot show
+    here; the read count can. The loss is checked against float64 too, with the label in the first and last block."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from fastsft.kernels import cross_entropy as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 256)  # 1001 columns = 4 blocks
+    logits, labels = random_case(n=6)
+    labels[1], labels[2], labels[3] = 0, V - 1, 777
+    ref_losses = float64_token_losses(logits, labels, z_loss=1e-3)
+    buffer = logits.clone()
+    base, itemsize = buffer.data_ptr(), buffer.element_size()
+    reads = np.zeros(buffer.numel(), dtype=np.int64)
+    real_load = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        addresses = np.asarray(ptrs.data).astype(np.int64)[np.broadcast_to(mask.data, ptrs.data.shape)]
+        inside = (addresses >= base) & (addresses < base + buffer.numel() * itemsize)
+        np.add.at(reads, (addresses[inside] - base) // itemsize, 1)
+        return real_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting_load)
+    losses, lse = torch.empty(6), torch.empty(6)
+    hits = torch.empty(6, dtype=torch.int32)
+    kernels.cross_entropy_rows(buffer, labels, IGNORE, 0.0, 1e-3, 0.0, loss=losses, lse=lse, hit=hits, grad=buffer)
+    reads = torch.from_numpy(reads).view(6, V)
+    supervised = labels != IGNORE
+    assert (reads[supervised] == 2).all(), reads[supervised].unique()
+    assert (reads[~supervised] == 0).all()
+    torch.testing.assert_close(losses.double(), ref_losses, rtol=1e-5, atol=1e-6)
