@@ -48,6 +48,66 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _block_values(row_ptr, start, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """(cols, valid, z) for one block of a row: z = the softcapped logits in fp32, -inf past the row's end.
+
+    Full blocks load without a mask: a mask `cols < n_cols` is constant only over runs that divide n_cols, so for
+    an odd vocabulary (50257) it forces scalar loads and stores on every block, not just the last one."""
+    cols = start + tl.arange(0, BLOCK)
+    if MASKED:
+        valid = cols < n_cols
+        # Upcast straight after the load: fp32 arithmetic always (and the interpreter mangles bf16 arithmetic).
+        x = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        z = tl.where(valid, _softcapped(x, softcap, HAS_SOFTCAP), float("-inf"))
+    else:
+        valid = cols < start + BLOCK  # all true
+        x = tl.load(row_ptr + cols).to(tl.float32)
+        z = _softcapped(x, softcap, HAS_SOFTCAP)
+    return cols, valid, z
+
+
+@triton.jit
+def _lse_block(row_ptr, start, n_cols, label, softcap, running_max, running_sum, sum_z, z_label, best, best_col,
+               HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, WRITE_HIT: tl.constexpr,
+               MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 1 over one block: the online max / sum of exp, the label's logit, the sum of z, the first argmax."""
+    cols, valid, z = _block_values(row_ptr, start, n_cols, softcap, HAS_SOFTCAP, MASKED, BLOCK)
+    block_max = tl.max(z, axis=0)
+    if WRITE_HIT:
+        # Strictly greater keeps the earlier block on ties: the first maximum, like torch.argmax.
+        block_best_col = start + tl.argmax(z, axis=0, tie_break_left=True)
+        best_col = tl.where(block_max > best, block_best_col, best_col)
+        best = tl.maximum(best, block_max)
+    new_max = tl.maximum(running_max, block_max)
+    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+    # The label's logit is taken here, from the block already in registers: reading it back from memory after this
+    # sweep would race with the gradient sweep when GRAD is this same buffer (another warp may already have
+    # overwritten it), and would cost a second read.
+    z_label += tl.sum(tl.where((cols == label) & valid, z, 0.0), axis=0)
+    if HAS_SMOOTHING:
+        sum_z += tl.sum(tl.where(valid, z, 0.0), axis=0)
+    return new_max, running_sum, sum_z, z_label, best, best_col
+
+
+@triton.jit
+def _grad_block(row_ptr, grad_ptr, start, n_cols, label, softcap, lse, p_scale, label_coef, uniform,
+                HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 2 over one block: read the logits, write d loss / d logits times the row's scale."""
+    cols, valid, z = _block_values(row_ptr, start, n_cols, softcap, HAS_SOFTCAP, MASKED, BLOCK)
+    g = tl.exp(z - lse) * p_scale - uniform
+    g = tl.where(cols == label, g - label_coef, g)
+    if HAS_SOFTCAP:
+        t = z / softcap
+        g = g * (1.0 - t * t)
+    g = cast_rtne(g, grad_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_ptr + cols, g, mask=valid)
+    else:
+        tl.store(grad_ptr + cols, g)
+
+
+@triton.jit
 def _cross_entropy_kernel(
     LOGITS, GRAD, LABELS, LOSS, LSE, HIT, ROW_SCALE,
     stride_logits, stride_grad, stride_labels, stride_scale,
@@ -65,6 +125,8 @@ def _cross_entropy_kernel(
     logits_row = LOGITS + row * stride_logits
     grad_row = GRAD + row * stride_grad
     label = tl.load(LABELS + row * stride_labels)
+    # Every sweep: the full blocks unmasked, then the partial last block (if any) masked.
+    n_full = (n_cols // BLOCK) * BLOCK
 
     if label == ignore_index:
         # Nothing to read: filler and prompt rows cost one scalar load (plus zeroing their gradient row).
@@ -75,8 +137,10 @@ def _cross_entropy_kernel(
             tl.store(HIT + row, 0)
         if WRITE_GRAD:
             zeros = tl.zeros([BLOCK], dtype=tl.float32).to(GRAD.dtype.element_ty)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
+            for start in range(0, n_full, BLOCK):
+                tl.store(grad_row + start + tl.arange(0, BLOCK), zeros)
+            if n_full < n_cols:
+                cols = n_full + tl.arange(0, BLOCK)
                 tl.store(grad_row + cols, zeros, mask=cols < n_cols)
         return
 
@@ -88,27 +152,14 @@ def _cross_entropy_kernel(
         z_label = 0.0
         best = float("-inf")
         best_col = 0
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            # Upcast straight after the load: fp32 arithmetic always (and the interpreter mangles bf16 arithmetic).
-            x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, _softcapped(x, softcap, HAS_SOFTCAP), float("-inf"))
-            block_max = tl.max(z, axis=0)
-            if WRITE_HIT:
-                # Strictly greater keeps the earlier block on ties: the first maximum, like torch.argmax.
-                block_best_col = start + tl.argmax(z, axis=0, tie_break_left=True)
-                best_col = tl.where(block_max > best, block_best_col, best_col)
-                best = tl.maximum(best, block_max)
-            new_max = tl.maximum(running_max, block_max)
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-            running_max = new_max
-            # The label's logit is taken here, from the block already in registers: reading it back from memory
-            # after this sweep would race with the gradient sweep below when GRAD is this same buffer (another
-            # warp may already have overwritten it), and would cost a second read.
-            z_label += tl.sum(tl.where((cols == label) & mask, z, 0.0), axis=0)
-            if HAS_SMOOTHING:
-                sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        for start in range(0, n_full, BLOCK):
+            running_max, running_sum, sum_z, z_label, best, best_col = _lse_block(
+                logits_row, start, n_cols, label, softcap, running_max, running_sum, sum_z, z_label, best, best_col,
+                HAS_SOFTCAP, HAS_SMOOTHING, WRITE_HIT, False, BLOCK)
+        if n_full < n_cols:
+            running_max, running_sum, sum_z, z_label, best, best_col = _lse_block(
+                logits_row, n_full, n_cols, label, softcap, running_max, running_sum, sum_z, z_label, best, best_col,
+                HAS_SOFTCAP, HAS_SMOOTHING, WRITE_HIT, True, BLOCK)
         lse = running_max + tl.log(running_sum)
         loss = lse - z_label
         if HAS_SMOOTHING:
@@ -135,17 +186,12 @@ def _cross_entropy_kernel(
         if HAS_SMOOTHING:
             label_coef = scale * (1.0 - label_smoothing)
             uniform = scale * label_smoothing / n_cols
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
-            z = _softcapped(x, softcap, HAS_SOFTCAP)
-            g = tl.exp(z - lse) * p_scale - uniform
-            g = tl.where(cols == label, g - label_coef, g)
-            if HAS_SOFTCAP:
-                t = z / softcap
-                g = g * (1.0 - t * t)
-            tl.store(grad_row + cols, cast_rtne(g, GRAD.dtype.element_ty), mask=mask)
+        for start in range(0, n_full, BLOCK):
+            _grad_block(logits_row, grad_row, start, n_cols, label, softcap, lse, p_scale, label_coef, uniform,
+                        HAS_SOFTCAP, False, BLOCK)
+        if n_full < n_cols:
+            _grad_block(logits_row, grad_row, n_full, n_cols, label, softcap, lse, p_scale, label_coef, uniform,
+                        HAS_SOFTCAP, True, BLOCK)
 
 
 def launch_config(n_cols: int) -> tuple[int, int]:

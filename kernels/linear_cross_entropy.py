@@ -43,6 +43,14 @@ from fastsft.kernels.cross_entropy import cross_entropy_rows
 DEFAULT_CHUNK_BYTES = 512 * 2**20
 # Chunk heights above this are rounded down to a multiple of it, so every chunk GEMM gets tile-friendly shapes.
 ROW_ALIGN = 128
+# Row stride of the logits buffer, in elements: a multiple of 16 whatever the vocabulary (50257 -> 50272), so every
+# row starts 32-byte aligned and the kernel's full blocks compile to vector loads and stores (Triton specialises a
+# stride divisible by 16; an odd one makes every access scalar). The padding columns are never read or written.
+ROW_STRIDE_MULTIPLE = 16
+
+
+def padded_row_stride(vocab: int) -> int:
+    return -(-vocab // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
 
 
 def chunk_budget_bytes() -> int:
@@ -61,7 +69,7 @@ def chunk_budget_bytes() -> int:
 def plan_chunk_rows(n_rows: int, vocab: int, elem_size: int, budget_bytes: int | None = None) -> int:
     """Tokens per chunk: as many [vocab] logit rows as fit the budget, at least 1, at most n_rows."""
     budget = chunk_budget_bytes() if budget_bytes is None else budget_bytes
-    rows = max(1, budget // max(vocab * elem_size, 1))
+    rows = max(1, budget // max(padded_row_stride(vocab) * elem_size, 1))
     if rows > ROW_ALIGN:
         rows -= rows % ROW_ALIGN
     return max(1, min(rows, n_rows))
@@ -140,12 +148,13 @@ def _chunk_logits(h_chunk, weight, bias, out) -> torch.Tensor:
 def _logit_chunks(hidden, weight, bias):
     """Plan the chunks of rows (from the memory budget) and return (generator, number of chunks). The generator
     yields (start, stop, hidden rows, their logits) with every chunk's logits written into one reused buffer, so
-    at most chunk x V logits exist at a time."""
+    at most chunk x V logits exist at a time (rows padded to `padded_row_stride`; cuBLAS writes through the stride)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     chunk = plan_chunk_rows(n_rows, vocab, hidden.element_size())
 
     def chunks():
-        buffer = torch.empty(min(chunk, n_rows), vocab, device=hidden.device, dtype=hidden.dtype)
+        rows = min(chunk, n_rows)
+        buffer = torch.empty(rows, padded_row_stride(vocab), device=hidden.device, dtype=hidden.dtype)[:, :vocab]
         for start in range(0, n_rows, chunk):
             stop = min(start + chunk, n_rows)
             h_chunk = hidden[start:stop]

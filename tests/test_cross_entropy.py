@@ -102,13 +102,16 @@ def test_kernel_dtypes_and_reductions_match_float64(triton_interpret, dtype, red
         assert (loss[labels == IGNORE] == 0).all()
 
 
-def test_multi_block_rows(triton_interpret, monkeypatch):
-    """Rows longer than one block: the online logsumexp across blocks and a partial last block (1001 = 3 x 256 + 233)."""
+@pytest.mark.parametrize("v", [1001, 1024])
+def test_multi_block_rows(triton_interpret, monkeypatch, v):
+    """Rows longer than one block: the online logsumexp across unmasked full blocks, then a masked partial last
+    block (1001 = 3 x 256 + 233) or none (1024 = 4 x 256)."""
     from fastsft.kernels import cross_entropy as kernels
 
     monkeypatch.setattr(kernels, "MAX_BLOCK", 256)
-    logits, labels = random_case(n=16, dtype=torch.bfloat16)
-    logits[3, 900] = 40.0  # the row maximum in the last, partial block
+    logits, labels = random_case(n=16, v=v, dtype=torch.bfloat16)
+    logits[3, 900] = 40.0  # the row maximum in the last block
+    labels[5] = v - 1
     options = OPTIONS["all"]
     loss, grad = run_op(cross_entropy, logits, labels, "sum", **options)
     ref_loss, ref_grad = float64_loss_and_grad(logits, labels, "sum", **options)

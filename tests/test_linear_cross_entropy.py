@@ -28,7 +28,9 @@ N, H, V = 40, 32, 301  # V odd; the forced chunk of 16 rows leaves a partial las
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 16 rows for the vocabulary sizes used here (fp32 rows; bf16 rows get 32)."""
-    monkeypatch.setenv("FASTSFT_LCE_CHUNK_MB", str(16 * V * 4 / 2**20))
+    from fastsft.kernels.linear_cross_entropy import padded_row_stride
+
+    monkeypatch.setenv("FASTSFT_LCE_CHUNK_MB", str(16 * padded_row_stride(V) * 4 / 2**20))
 
 
 def float64_reference(hidden, weight, labels, bias=None, reduction="mean", row_weights=None, num_items=None,
@@ -109,14 +111,15 @@ OPTIONS = {
 def test_fp32_matches_float64(triton_interpret, small_chunks, monkeypatch, reduction, options):
     from fastsft.kernels import linear_cross_entropy as chunked
 
-    chunk_rows = []  # every logits block the kernel sees: never all N rows at once
+    chunk_rows, strides = [], set()  # every logits block the kernel sees: never all N rows at once
     kernel = chunked.cross_entropy_rows
     monkeypatch.setattr(chunked, "cross_entropy_rows", lambda logits, *a, **k: (
-        chunk_rows.append(logits.shape[0]), kernel(logits, *a, **k)))
+        chunk_rows.append(logits.shape[0]), strides.add(logits.stride()), kernel(logits, *a, **k)))
     hidden, weight, bias, labels = random_case()
     row_weights = torch.rand(N) + 0.5
     got = run_op(linear_cross_entropy, hidden, weight, labels, bias, reduction, row_weights, **OPTIONS[options])
     assert max(chunk_rows) == 16 and sum(chunk_rows) == N * (2 if reduction == "none" else 1)
+    assert strides == {(304, 1)}  # the odd vocabulary's rows padded to a multiple of 16 elements (301 -> 304)
     ref = float64_reference(hidden, weight, labels, bias, reduction, row_weights, **OPTIONS[options])
     assert_matches_float64(got, ref, torch.float32, reduction)
     if reduction == "none":
@@ -275,7 +278,8 @@ def test_chunk_plan():
     assert plan_chunk_rows(8192, 128256, 2, 512 * 2**20) == 2048
     assert plan_chunk_rows(100, 128256, 2, 512 * 2**20) == 100  # never more than the rows there are
     assert plan_chunk_rows(8192, 262144, 4, 1) == 1  # at least one row whatever the budget
-    assert plan_chunk_rows(8192, 1000, 4, 50 * 1000 * 4) == 50  # small chunks are not rounded
+    assert plan_chunk_rows(8192, 1008, 4, 50 * 1008 * 4) == 50  # small chunks are not rounded
+    assert plan_chunk_rows(8192, 1001, 4, 50 * 1008 * 4) == 50  # rows of an odd vocabulary take 1008 (padded)
 
 
 def test_opcheck(triton_interpret, small_chunks):
