@@ -15,6 +15,12 @@ FASTSFT_ATTENTION=flash|torch_varlen|sdpa|loop); the choice is logged once per (
 - "loop":         a per-document loop with explicit softmax(q k^T) v in fp32. Reads `cu_seqlens` on the host:
                   a test reference only, never picked automatically.
 Empty segments (repeated offsets) are harmless in every backend: they own no tokens.
+
+Separate key offsets (`cu_seqlens_k`, `max_seqlen_k`): k/v may hold more rows than q, document i's keys lying at
+cu_seqlens_k[i]:cu_seqlens_k[i+1] (prefix tuning puts a learned prefix in front of each document's own keys,
+fastsft/adapters/prefix.py). Causal attention then aligns each document's queries with the END of its keys, as
+FlashAttention does: query i of a document with Lq queries and Lk keys sees its keys 0 .. i + Lk - Lq. Every backend
+implements this same rule.
 """
 
 from __future__ import annotations
@@ -107,29 +113,42 @@ def varlen_attention(
     causal: bool = True,
     backend: str | None = None,
     scale: float | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """Attention within each document of a packed row. q [T, Hq, D], k/v [T, Hkv, D] (Hq a multiple of Hkv),
-    cu_seqlens [N + 1] int32 with cu_seqlens[-1] == T; returns [T, Hq, D] in q's dtype. scale defaults to D^-0.5."""
-    _check_shapes(q, k, v, cu_seqlens)
+    cu_seqlens [N + 1] int32 with cu_seqlens[-1] == T; returns [T, Hq, D] in q's dtype. scale defaults to D^-0.5.
+    With cu_seqlens_k ([N + 1], last entry Tk) k/v are [Tk, Hkv, D] with document i's keys at
+    cu_seqlens_k[i]:cu_seqlens_k[i+1] (see the module docstring); max_seqlen_k bounds their lengths."""
+    _check_shapes(q, k, v, cu_seqlens, cu_seqlens_k)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    elif max_seqlen_k is None:
+        raise ValueError("varlen_attention: cu_seqlens_k needs max_seqlen_k (a bound on every document's keys)")
     choice = select_backend(q.device.type, backend, q.dtype)
     if choice == "flash":
-        return _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        return _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale, cu_seqlens_k, max_seqlen_k)
     if choice == "torch_varlen":
-        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale, cu_seqlens_k, max_seqlen_k)
     if choice == "sdpa":
-        return sdpa_attention(q, k, v, cu_seqlens, causal, scale)
-    return loop_attention(q, k, v, cu_seqlens, causal, scale)
+        return sdpa_attention(q, k, v, cu_seqlens, causal, scale, cu_seqlens_k)
+    return loop_attention(q, k, v, cu_seqlens, causal, scale, cu_seqlens_k)
 
 
-def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor | None = None) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"varlen_attention wants q, k, v as [T, heads, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+    same_length = cu_seqlens_k is not None or q.shape[0] == k.shape[0]
+    if k.shape != v.shape or not same_length or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, and "
-                         f"share T and D with q")
+                         f"share T (unless cu_seqlens_k is given) and D with q")
+    if cu_seqlens_k is not None and cu_seqlens_k.shape != cu_seqlens.shape:
+        raise ValueError(f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} must have the shape of cu_seqlens "
+                         f"{tuple(cu_seqlens.shape)} (one key range per document)")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -149,20 +168,33 @@ def segment_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
 
 
-def block_diagonal_mask(cu_seqlens: torch.Tensor, num_tokens: int, causal: bool = True) -> torch.Tensor:
-    """[T, T] bool: True where query i may attend to key j (same segment, and j <= i when causal)."""
+def block_diagonal_mask(cu_seqlens: torch.Tensor, num_tokens: int, causal: bool = True,
+                        cu_seqlens_k: torch.Tensor | None = None, num_keys: int | None = None) -> torch.Tensor:
+    """[T, Tk] bool: True where query i may attend to key j (same segment, and j <= i when causal). With separate
+    key offsets, causal aligns the ends: j - cu_seqlens_k[s + 1] <= i - cu_seqlens[s + 1] in segment s."""
     seg = segment_ids(cu_seqlens, num_tokens)
-    mask = seg[:, None] == seg[None, :]
+    if cu_seqlens_k is None:
+        mask = seg[:, None] == seg[None, :]
+        if causal:
+            mask = mask & torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=seg.device).tril()
+        return mask
+    seg_k = segment_ids(cu_seqlens_k, num_keys)
+    mask = seg[:, None] == seg_k[None, :]
     if causal:
-        mask = mask & torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=seg.device).tril()
+        # distance of each query / key from the end of its segment (the ends are aligned)
+        query_from_end = torch.arange(num_tokens, device=seg.device) - cu_seqlens[1:][seg.clamp(max=len(cu_seqlens) - 2)]
+        key_from_end = torch.arange(num_keys, device=seg.device) - cu_seqlens_k[1:][seg_k.clamp(max=len(cu_seqlens) - 2)]
+        mask = mask & (key_from_end[None, :] <= query_from_end[:, None])
     return mask
 
 
-def sdpa_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """SDPA over the whole row with a block-diagonal (causal) mask. Every query sees at least itself, so no row
-    of the mask is empty and no NaN appears."""
+def sdpa_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None,
+                   cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over the whole row with a block-diagonal (causal) mask. Every query sees at least itself (with separate
+    key offsets: at least as many keys of its own document as it is far from that document's start, so a document
+    with at least as many keys as queries never has an empty row), so no NaN appears."""
     num_tokens, num_heads, _ = q.shape
-    mask = block_diagonal_mask(cu_seqlens, num_tokens, causal)
+    mask = block_diagonal_mask(cu_seqlens, num_tokens, causal, cu_seqlens_k, k.shape[0])
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
         enable_gqa=k.shape[1] != num_heads,
@@ -170,7 +202,8 @@ def sdpa_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None
     return out.transpose(0, 1)
 
 
-def loop_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+def loop_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None,
+                   cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: each document on its own, softmax(q k^T * scale) v computed explicitly in fp32. Host sync on
     cu_seqlens (tests only)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -179,28 +212,31 @@ def loop_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None
     # Host sync, on purpose: this is the per-document reference (tests, debugging). It is never auto-selected; it runs
     # only when asked for by name or FASTSFT_ATTENTION=loop, never in a compiled step.
     offsets = cu_seqlens.tolist()
-    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+    key_offsets = offsets if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    for i, (start, end) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
         if end <= start:
             continue
-        qd, kd, vd = (t[start:end].transpose(0, 1).float() for t in (q, k, v))  # [H, L, D]
+        key_start, key_end = key_offsets[i], key_offsets[i + 1]
+        qd = q[start:end].transpose(0, 1).float()  # [H, L, D]
+        kd, vd = (t[key_start:key_end].transpose(0, 1).float() for t in (k, v))  # [H, Lk, D]
         scores = qd @ kd.transpose(1, 2) * scale
-        if causal:
-            length = end - start
-            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        if causal:  # ends aligned: query i sees keys up to i + Lk - L
+            future = torch.ones(end - start, key_end - key_start, dtype=torch.bool, device=q.device).triu(
+                1 + (key_end - key_start) - (end - start))
             scores = scores.masked_fill(future, -math.inf)
         out[start:end] = (scores.softmax(-1) @ vd).transpose(0, 1).to(q.dtype)
     return out
 
 
-def _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
-    cu = cu_seqlens.to(torch.int32)
-    return FLASH_ATTN_VARLEN_FUNC(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale,
+def _flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale, cu_seqlens_k, max_seqlen_k):
+    cu, cu_k = cu_seqlens.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    return FLASH_ATTN_VARLEN_FUNC(q, k, v, cu, cu_k, max_seqlen, max_seqlen_k, dropout_p=0.0, softmax_scale=scale,
                                   causal=causal)
 
 
-def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale, cu_seqlens_k, max_seqlen_k):
     params = _TORCH_VARLEN_PARAMS
-    cu = cu_seqlens.to(torch.int32)
+    cu, cu_k = cu_seqlens.to(torch.int32), cu_seqlens_k.to(torch.int32)
     kwargs = {}
     if "scale" in params:
         kwargs["scale"] = scale
@@ -216,4 +252,4 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
         kwargs["is_causal"] = causal
     elif causal:
         kwargs["window_size"] = (-1, 0)
-    return TORCH_VARLEN_ATTN(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    return TORCH_VARLEN_ATTN(q, k, v, cu, cu_k, max_seqlen, max_seqlen_k, **kwargs)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsft._fsutil import replace_dir
+from fastsft.adapters.prefix import attach_prefix
 from fastsft.attention import varlen_attention
 from fastsft.data.batch import Batch
 from fastsft.ops import RMSNorm, linear_cross_entropy
@@ -296,7 +297,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps, **kw) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps, **kw) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, prefix=None) -> torch.Tensor:
         num_tokens = x.shape[0]
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -304,7 +305,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        if prefix is None:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        else:  # prefix tuning: learned keys/values in front of each document's own (fastsft/adapters/prefix.py)
+            k, v = attach_prefix(k, v, prefix)
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, cu_seqlens_k=prefix.cu_seqlens_k,
+                                   max_seqlen_k=prefix.max_seqlen_k)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -333,12 +339,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(config, device=device, dtype=dtype)
 
-    def forward(self, x, residual, cos, sin, cu_seqlens, max_seqlen: int):
+    def forward(self, x, residual, cos, sin, cu_seqlens, max_seqlen: int, prefix=None):
         if residual is None:
             normed, residual = self.input_layernorm(x), x
         else:
             normed, residual = self.input_layernorm(x, residual)
-        attn_out = self.self_attn(normed, cos, sin, cu_seqlens, max_seqlen)
+        attn_out = self.self_attn(normed, cos, sin, cu_seqlens, max_seqlen, prefix)
         normed, residual = self.post_attention_layernorm(attn_out, residual)
         return self.mlp(normed), residual
 
@@ -355,6 +361,8 @@ class Transformer(nn.Module):
         # Tied: no lm_head module at all (one parameter, one owner: simpler for FSDP and the optimizer).
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False, **kw)
+        # Prompt tuning / P-tuning / prefix tuning (fastsft/adapters/prompt.py: apply_prompt_adapter), else None.
+        self.prompt_adapter = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -372,10 +380,14 @@ class Transformer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # Keep the residual stream in the compute dtype: the fused add+norm then sees matching dtypes.
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        prefixes = None
+        if self.prompt_adapter is not None:  # virtual tokens into their slots, or per-layer prefixes
+            x, position_ids, prefixes = self.prompt_adapter.adapt(x, position_ids, cu_seqlens, max_seqlen)
         cos, sin = rotary_cos_sin(position_ids, self.config, x.dtype)
         residual = None
-        for block in self.layers:
-            x, residual = block(x, residual, cos, sin, cu_seqlens, max_seqlen)
+        for i, block in enumerate(self.layers):
+            prefix = None if prefixes is None else prefixes[i]
+            x, residual = block(x, residual, cos, sin, cu_seqlens, max_seqlen, prefix)
         hidden, _ = self.norm(x, residual)
         if labels is None:
             return hidden
@@ -403,6 +415,7 @@ class Transformer(nn.Module):
         `loss_positions`: no [tokens x vocab] logits) and divided by `num_items` (a number or a 0-d tensor: the
         optimizer step's global loss-token count), or by this row's count when None. With return_num_correct,
         returns (loss, num_correct) where num_correct is an int64 0-d tensor."""
+        check_virtual_tokens(self, batch.virtual_tokens)
         return self(**batch.model_inputs(), labels=batch.labels, loss_positions=batch.loss_positions,
                     num_items=num_items, return_num_correct=return_num_correct)
 
@@ -489,6 +502,15 @@ class Transformer(nn.Module):
             return dict(self.generation_config)
         keys = ("bos_token_id", "eos_token_id", "pad_token_id")
         return {k: self.config.extra[k] for k in keys if self.config.extra.get(k) is not None}
+
+
+def check_virtual_tokens(model: Transformer, virtual_tokens: int) -> None:
+    """A row must reserve exactly the virtual slots the model's prompt adapter fills (prompt tuning / P-tuning:
+    num_virtual_tokens in front of each document; none otherwise), or document tokens would be overwritten."""
+    wanted = 0 if model.prompt_adapter is None else model.prompt_adapter.row_tokens
+    if virtual_tokens != wanted:
+        raise ValueError(f"the batch reserves {virtual_tokens} virtual token slots per document but the model's "
+                         f"adapter fills {wanted}: build the loader with PackedLoader(virtual_tokens={wanted})")
 
 
 def init_weights(model: Transformer, std: float, generator: torch.Generator | None = None) -> None:

@@ -45,6 +45,7 @@ class Batch:
     num_loss_tokens: int
     num_tokens: int = 0  # non-padding tokens in the row (for throughput accounting)
     num_docs: int = 0  # documents in the row
+    virtual_tokens: int = 0  # slots before each document for prompt/P-tuning (fastsft/adapters/prompt.py)
 
     def to(self, device, non_blocking: bool = True) -> Batch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -23,6 +23,7 @@ import torch
 from fastsft.data import packing_ref
 from fastsft.data.batch import Batch
 from fastsft.data.shards import ShardDataset, open_shards
+from fastsft.data.virtual_tokens import insert_virtual_tokens
 
 # Documents per shuffle window. With max_docs = seq_len // 32, bench/bench_loader.py measured 99.93% packing at
 # seq_len 4096 and 99.84% at 16384 (lognormal lengths, median 250); a window of 8192 gave 99.73% at 16384.
@@ -93,12 +94,14 @@ class PackedLoader:
     prefetch: batches assembled ahead in a background thread (0: assemble in the caller's thread).
     pin_memory: page-locked buffers for non-blocking copies to the GPU (default: when CUDA is available).
     vocab_size: the model's vocabulary; a token id >= vocab_size in any shard raises ShardError here, before training.
+    virtual_tokens: slots reserved in front of every document for prompt tuning / P-tuning (fastsft/data/
+        virtual_tokens.py): documents are cut to seq_len - virtual_tokens and packed as that much longer.
     """
 
     def __init__(self, source, seq_len: int, max_docs: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  window: int = DEFAULT_WINDOW, loss_bucket: int | None = None, long_docs: str = "truncate",
                  drop_last: bool = False, prefetch: int = 2, pin_memory: bool | None = None, backend: str = "cpp",
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, virtual_tokens: int = 0):
         _check_int("seq_len", seq_len, 1, (1 << 31) - 1)
         _check_int("max_docs", max_docs, 1)
         _check_int("seed", seed, 0, (1 << 64) - 1)
@@ -106,6 +109,7 @@ class PackedLoader:
         _check_int("rank", rank, 0, world_size - 1)
         _check_int("window", window, 1)
         _check_int("prefetch", prefetch, 0)
+        _check_int("virtual_tokens", virtual_tokens, 0, seq_len - 1)
         if loss_bucket is not None:
             _check_int("loss_bucket", loss_bucket, 1, seq_len)
         if long_docs not in packing_ref.LONG_DOC_POLICIES:
@@ -126,9 +130,13 @@ class PackedLoader:
         self.bucket = self.loss_bucket or self.seq_len
         self.long_docs, self.drop_last = long_docs, bool(drop_last)
         self.prefetch, self.pin_memory, self.backend = int(prefetch), bool(pin_memory), backend
+        self.virtual_tokens = int(virtual_tokens)
         self._impl = _CppBackend(self.dataset) if backend == "cpp" else _NumpyBackend(self.dataset)
-        eff_len, supervised = self._impl.effective_lengths(self.seq_len, self.loss_bucket, self.long_docs)
+        eff_len, supervised = self._impl.effective_lengths(self.seq_len - self.virtual_tokens, self.loss_bucket,
+                                                           self.long_docs)
         self.eff_len = np.ascontiguousarray(eff_len, dtype=np.int64)
+        # What planning counts per document: its kept tokens plus its virtual slots.
+        self.plan_len = self.eff_len + self.virtual_tokens * (self.eff_len > 0)
         self.supervised = np.ascontiguousarray(supervised, dtype=np.int64)
         if not self.eff_len.any():
             raise ValueError(
@@ -149,18 +157,21 @@ class PackedLoader:
     # ---------------------------------------------------------------------------------------------------- plan
 
     def _make_config(self) -> dict:
-        return dict(
+        config = dict(
             seq_len=self.seq_len, max_docs=self.max_docs, seed=self.seed, world_size=self.world_size,
             window=self.window, loss_bucket=self.loss_bucket, long_docs=self.long_docs, drop_last=self.drop_last,
             documents=len(self.dataset), tokens=self.dataset.num_tokens,
             lengths_crc32=zlib.crc32(np.ascontiguousarray(self.dataset.lengths, dtype=np.int64).tobytes()),
         )
+        if self.virtual_tokens:
+            config["virtual_tokens"] = self.virtual_tokens
+        return config
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(row_ptr, row_docs): the rows of every rank for `epoch`, as CSR arrays of document ids."""
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             row_ptr, row_docs = self._impl.plan_epoch(
-                self.eff_len, self.supervised, seq_len=self.seq_len, max_docs=self.max_docs,
+                self.plan_len, self.supervised, seq_len=self.seq_len, max_docs=self.max_docs,
                 loss_bucket=self.loss_bucket, window=self.window, seed=self.seed, epoch=epoch,
                 world_size=self.world_size, drop_last=self.drop_last,
             )
@@ -183,7 +194,7 @@ class PackedLoader:
         rows = len(row_ptr) - 1
         lengths = self.dataset.lengths
         kept = self.eff_len > 0
-        packed_tokens = int(self.eff_len[row_docs].sum())
+        packed_tokens = int(self.plan_len[row_docs].sum())
         return dict(
             epoch=self.epoch,
             rows=rows,
@@ -217,13 +228,15 @@ class PackedLoader:
     def _assemble_chunk(self, row_ptr: np.ndarray, row_docs: np.ndarray, rows: np.ndarray) -> list[Batch]:
         tensors, arrays = self._allocate(len(rows))
         self._impl.assemble(row_ptr, row_docs, self.eff_len, np.ascontiguousarray(rows, dtype=np.int64), arrays)
+        if self.virtual_tokens:
+            insert_virtual_tokens(arrays, self.virtual_tokens)
         counts = arrays["counts"].tolist()  # host-side numpy, not a device sync
         return [
             Batch(
                 input_ids=tensors["input_ids"][i], position_ids=tensors["position_ids"][i],
                 labels=tensors["labels"][i], cu_seqlens=tensors["cu_seqlens"][i], max_seqlen=self.seq_len,
                 loss_positions=tensors["loss_positions"][i], num_loss_tokens=counts[i][0], num_tokens=counts[i][1],
-                num_docs=counts[i][2],
+                num_docs=counts[i][2], virtual_tokens=self.virtual_tokens,
             )
             for i in range(len(rows))
         ]

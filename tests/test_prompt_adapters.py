@@ -1,0 +1,278 @@
+"""Prompt tuning, P-tuning and prefix tuning (fastsft/adapters/prompt.py, prefix.py) against PEFT on transformers.
+
+Reference: PEFT's own PeftModelForCausalLM over the same tiny random transformers Llama (grouped-query attention)
+and Qwen3 (q/k norm, tied embeddings), fp32 on CPU, the prompt parameters copied from PEFT's prompt encoder into
+ours (same names). Compared: loss and the gradient of every prompt parameter, one document at a time and for packed
+rows (each document alone in PEFT), by relative error. Rows with virtual slots are built here from the batch
+contract's docstring plus the slot rule of fastsft/adapters/prompt.py, not by the loader.
+"""
+
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from fastsft.adapters.prompt import PromptConfig, apply_prompt_adapter
+from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch
+from fastsft.model import Transformer
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 96
+SMALL = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=True, num_key_value_heads=1)),
+}
+# (our config, PEFT config) pairs, PEFT's built by a function of n.
+METHODS = {
+    "prompt_tuning": (dict(method="prompt_tuning"), lambda n: peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=n)),
+    "p_tuning_mlp": (dict(method="p_tuning", encoder_type="mlp", encoder_hidden_size=24),
+                     lambda n: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                        encoder_reparameterization_type="MLP",
+                                                        encoder_hidden_size=24)),
+    "p_tuning_lstm": (dict(method="p_tuning", encoder_type="lstm", encoder_hidden_size=12),
+                      lambda n: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                         encoder_reparameterization_type="LSTM",
+                                                         encoder_hidden_size=12)),
+    "prefix_tuning": (dict(method="prefix_tuning"), lambda n: peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=n)),
+    "prefix_projection": (dict(method="prefix_tuning", prefix_projection=True, encoder_hidden_size=20),
+                          lambda n: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                            prefix_projection=True, encoder_hidden_size=20)),
+}
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def spread_weights(model: torch.nn.Module, std: float = 0.15) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))
+
+
+def base_pair(arch, tmp_path):
+    """(transformers model, our Transformer loaded from its checkpoint), fp32, same weights."""
+    config_cls, model_cls, overrides = ARCHS[arch]
+    hf = model_cls(config_cls(**{**SMALL, **overrides})).float()
+    spread_weights(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, Transformer.from_pretrained(tmp_path / "hf")
+
+
+def peft_and_ours(arch, method, n, tmp_path):
+    """PEFT-wrapped transformers model and our model with the same prompt parameters (copied from PEFT's)."""
+    ours_kw, peft_config = METHODS[method]
+    hf, ours = base_pair(arch, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.get_peft_model(hf, peft_config(n))
+    encoder = reference.prompt_encoder["default"]
+    with torch.no_grad():  # PEFT's N(0, 1) init is far from the tiny model's embeddings: keep it, just re-draw
+        for p in encoder.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    adapter = apply_prompt_adapter(ours, PromptConfig(num_virtual_tokens=n, **ours_kw))
+    assert sorted(adapter.state_dict()) == sorted(encoder.state_dict())
+    adapter.load_state_dict(encoder.state_dict())
+    return reference, ours
+
+
+def make_row(docs, seq_len, virtual, max_docs=4, supervised=None) -> Batch:
+    """One packed row per the batch contract, with `virtual` slots in front of every document (PAD id, positions
+    0..virtual-1, no label); the document's tokens continue at position `virtual`. supervised[i][t]: token t of
+    document i carries loss (default: all but the first)."""
+    input_ids = torch.full((seq_len,), PAD_ID, dtype=torch.int64)
+    position_ids = torch.zeros(seq_len, dtype=torch.int32)
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.int64)
+    ends, start = [], 0
+    for i, doc in enumerate(docs):
+        length = virtual + len(doc)
+        position_ids[start:start + length] = torch.arange(length, dtype=torch.int32)
+        body = start + virtual
+        input_ids[body:body + len(doc)] = torch.tensor(doc)
+        for t in range(len(doc) - 1):
+            if supervised is None or supervised[i][t + 1]:
+                labels[body + t] = doc[t + 1]
+        start += length
+        ends.append(start)
+    assert start <= seq_len and len(docs) <= max_docs
+    if start < seq_len:
+        position_ids[start:] = torch.arange(seq_len - start, dtype=torch.int32)
+        ends.append(seq_len)
+    cu = [0] + ends + [seq_len] * (max_docs + 1 - len(ends))
+    positions = (labels != IGNORE_INDEX).nonzero().flatten()
+    loss_positions = torch.full((seq_len,), LOSS_POSITION_FILL, dtype=torch.int32)
+    loss_positions[:len(positions)] = positions.to(torch.int32)
+    return Batch(input_ids=input_ids, position_ids=position_ids, labels=labels,
+                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=seq_len, loss_positions=loss_positions,
+                 num_loss_tokens=len(positions), num_tokens=start, num_docs=len(docs), virtual_tokens=virtual)
+
+
+def hf_labels(doc, supervised):
+    """transformers' unshifted labels: token t is a target when supervised (never the first token)."""
+    return [tok if t > 0 and (supervised is None or supervised[t]) else IGNORE_INDEX for t, tok in enumerate(doc)]
+
+
+def peft_summed_loss(reference, doc, supervised=None):
+    labels = torch.tensor([hf_labels(doc, supervised)])
+    count = int((labels[0, 1:] != IGNORE_INDEX).sum())
+    if count == 0:  # transformers' mean over no token is NaN; the summed loss is 0
+        return torch.zeros(())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = reference(input_ids=torch.tensor([doc]), attention_mask=torch.ones(1, len(doc), dtype=torch.int64),
+                        labels=labels)
+    return out.loss * count
+
+
+def random_docs(lengths):
+    return [torch.randint(1, VOCAB, (n,)).tolist() for n in lengths]
+
+
+def random_supervision(docs):
+    return [[t > 0 and bool(torch.rand(()) < 0.7) for t in range(len(d))] for d in docs]
+
+
+def prompt_grads(module):
+    return {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_loss_and_prompt_gradients_equal_peft(arch, method, tmp_path):
+    """A packed row of three documents (+ padding) against PEFT run on each document alone: summed loss, and the
+    gradient of every prompt parameter (PEFT's summed over the documents)."""
+    n = 3
+    reference, ours = peft_and_ours(arch, method, n, tmp_path)
+    docs = random_docs([9, 2, 13])
+    supervised = random_supervision(docs)
+    row_virtual = ours.prompt_adapter.row_tokens
+    batch = make_row(docs, seq_len=40, virtual=row_virtual, supervised=supervised)
+    loss = ours.loss(batch, num_items=1)
+    loss.backward()
+
+    reference_loss = sum(peft_summed_loss(reference, d, s) for d, s in zip(docs, supervised, strict=True))
+    reference_loss.backward()
+    assert rel_err(loss, reference_loss) < 1e-5
+    ours_grads = prompt_grads(ours.prompt_adapter)
+    theirs = prompt_grads(reference.prompt_encoder["default"])
+    assert set(ours_grads) == set(theirs)
+    for name, grad in ours_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert rel_err(grad, theirs[name]) < 1e-5, name
+    # The base model is frozen: nothing else received a gradient.
+    assert all(p.grad is None for name, p in ours.named_parameters() if not name.startswith("prompt_adapter."))
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_logits_equal_peft_on_one_document(method, tmp_path):
+    n = 4
+    reference, ours = peft_and_ours("llama", method, n, tmp_path)
+    doc = random_docs([11])[0]
+    row_virtual = ours.prompt_adapter.row_tokens
+    batch = make_row([doc], seq_len=len(doc) + row_virtual, virtual=row_virtual)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = reference(input_ids=torch.tensor([doc]), attention_mask=torch.ones(1, len(doc))).logits[0]
+        mine = ours.logits(**batch.model_inputs())
+    assert rel_err(mine[-len(doc):], theirs[-len(doc):]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ attention with key offsets
+
+
+def reference_prefix_attention(q, k, v, q_lengths, k_lengths):
+    """float64, each segment on its own: query i of a segment with Lq queries sees its keys 0 .. i + Lk - Lq."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    groups = q.shape[1] // k.shape[1]
+    qs = ks = 0
+    for lq, lk in zip(q_lengths, k_lengths, strict=True):
+        for i in range(lq):
+            for h in range(q.shape[1]):
+                keys = k[ks:ks + lk, h // groups].double()[: i + lk - lq + 1]
+                values = v[ks:ks + lk, h // groups].double()[: i + lk - lq + 1]
+                weights = (keys @ q[qs + i, h].double() * q.shape[-1] ** -0.5).softmax(0)
+                out[qs + i, h] = weights @ values
+        qs, ks = qs + lq, ks + lk
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "loop"])
+def test_attention_with_separate_key_offsets(backend):
+    """Segments with more keys than queries (a prefix), an empty query segment that still owns keys, GQA."""
+    from fastsft.attention import varlen_attention
+
+    q_lengths, k_lengths = [5, 0, 7, 3], [8, 3, 10, 6]
+    q = torch.randn(sum(q_lengths), 4, 8, requires_grad=True)
+    k = torch.randn(sum(k_lengths), 2, 8, requires_grad=True)
+    v = torch.randn(sum(k_lengths), 2, 8, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(q_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(k_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = varlen_attention(q, k, v, cu, 7, backend=backend, cu_seqlens_k=cu_k, max_seqlen_k=10)
+    assert rel_err(out, reference_prefix_attention(q, k, v, q_lengths, k_lengths)) < 1e-6
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    (reference_prefix_attention(q, k, v, q_lengths, k_lengths) * grad.double()).sum().backward()
+    for ours, theirs in zip(grads, (q.grad, k.grad, v.grad), strict=True):
+        assert rel_err(ours, theirs) < 1e-6
+
+
+def test_prefix_key_layout_puts_the_prefix_before_every_segment():
+    from fastsft.adapters.prefix import prefix_key_layout
+
+    cu = torch.tensor([0, 3, 5, 8, 8], dtype=torch.int32)  # documents of 3 and 2, padding of 3, one empty segment
+    key_index, cu_k = prefix_key_layout(cu, 8, 2)
+    p0, p1 = 8, 9  # rows of the prefix in cat(doc keys [8], prefix [2])
+    assert key_index.tolist() == [p0, p1, 0, 1, 2, p0, p1, 3, 4, p0, p1, 5, 6, 7, p0, p1]
+    assert cu_k.tolist() == [0, 5, 9, 14, 16]
+
+
+# ---------------------------------------------------------------------------------------------- compiled training
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning_mlp", "prefix_tuning"])
+def test_one_compilation_and_only_prompt_parameters_move(method, tmp_path):
+    """A compiled train step (forward + loss in one graph) over rows of changing document layouts compiles once and
+    equals the eager step; the base model's weights never change."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from fastsft.train.step import TrainStep, apply_compile, build_optimizer
+
+    n = 3
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        _, ours = peft_and_ours("llama", method, n, tmp_path / str(compiled))
+        base = {name: p.detach().clone() for name, p in ours.named_parameters() if "prompt_adapter" not in name}
+        start = {name: p.detach().clone() for name, p in ours.prompt_adapter.named_parameters()}
+        counter = CompileCounterWithBackend("aot_eager")
+        if compiled:
+            apply_compile(ours, "model", backend=counter)
+        step = TrainStep(ours, build_optimizer(ours, lr=1e-2), precision="fp32")
+        g = torch.Generator().manual_seed(5)
+        losses = []
+        for _ in range(6):
+            lengths = torch.randint(2, 9, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+            docs = [torch.randint(1, VOCAB, (m,), generator=g).tolist() for m in lengths]
+            losses.append(step([make_row(docs, 40, ours.prompt_adapter.row_tokens)]).loss.item())
+        if compiled:
+            assert counter.frame_count == 1
+        for name, p in ours.named_parameters():
+            if name in base:
+                assert torch.equal(p, base[name]), name
+        for name, p in ours.prompt_adapter.named_parameters():
+            assert not torch.equal(p, start[name]), name
+        results.append((torch.tensor(losses), {k: v.detach().clone() for k, v in
+                                               ours.prompt_adapter.state_dict().items()}))
+    (eager_losses, eager_state), (compiled_losses, compiled_state) = results
+    assert rel_err(compiled_losses, eager_losses) < 1e-5
+    for name in eager_state:
+        assert rel_err(compiled_state[name], eager_state[name]) < 1e-5, name
