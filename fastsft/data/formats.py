@@ -12,16 +12,13 @@ Formats (detected per file from its first parseable record unless given):
   prompt-completion  {"prompt", "completion", "system"?}
   text               {"text"}
 
-Files: .jsonl (one JSON object per line, blank lines allowed; streamed line by line) or .json (one list of objects).
+Files are read by `fastsft.data.sources` (.jsonl, .json, gzip, parquet, `datasets` folders), record by record.
 Every problem is a `DataError` naming the file, the line (and the record index for .json) and the field.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator
-from pathlib import Path
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -66,99 +63,6 @@ class DataError(ValueError):
         return (DataError, (self.problem, self.path, self.line, self.record, self.field))
 
 
-# ---------------------------------------------------------------------------------------------- reading files
-
-
-def iter_raw_records(path) -> Iterator[tuple[int, int | None, bytes | dict, int]]:
-    """Yield (line, record_index, payload, bytes_consumed) for every record of a .jsonl or .json file.
-
-    .jsonl payloads are the raw line (bytes, parsed later, possibly in a worker); .json payloads are parsed objects.
-    record_index is None for .jsonl (the line number locates the record).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _iter_jsonl(path)
-    elif suffix == ".json":
-        yield from _iter_json_list(path)
-    else:
-        raise DataError(f"unsupported file type '{path.suffix}': use .jsonl (one JSON object per line) or .json "
-                        "(a list of objects)", path)
-
-
-def _iter_jsonl(path: Path):
-    with open(path, "rb") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                yield line_no, None, line, len(line)
-
-
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _iter_json_list(path: Path):
-    """Walk a JSON list element by element (raw_decode) so each record keeps its line number."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 at byte {e.start}", path) from None
-    decoder = json.JSONDecoder()
-    line_at = _LineCounter(text)
-    pos = _WHITESPACE.match(text, 0).end()
-    if pos == len(text):
-        return
-    if text[pos] != "[":
-        raise DataError("a .json file must hold a list of records (for one object per line, name the file .jsonl)",
-                        path, line=line_at(pos))
-    pos = _WHITESPACE.match(text, pos + 1).end()
-    if text.startswith("]", pos):
-        return
-    index = 0
-    while True:
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON: {e.msg} (column {e.colno}); a .json list cannot be read past this "
-                            "point, fix the file", path, line=e.lineno, record=index) from None
-        yield line_at(pos), index, obj, end - pos
-        index += 1
-        pos = _WHITESPACE.match(text, end).end()
-        if text.startswith(",", pos):
-            pos = _WHITESPACE.match(text, pos + 1).end()
-        elif text.startswith("]", pos):
-            return
-        else:
-            raise DataError("malformed JSON: expected ',' or ']' after a record", path, line=line_at(pos),
-                            record=index)
-
-
-class _LineCounter:
-    """Line number of a character offset, for offsets that only increase (counts newlines incrementally)."""
-
-    def __init__(self, text: str):
-        self.text, self.pos, self.line = text, 0, 1
-
-    def __call__(self, pos: int) -> int:
-        self.line += self.text.count("\n", self.pos, pos)
-        self.pos = pos
-        return self.line
-
-
-def load_record(payload: bytes | dict, path, line: int, record: int | None) -> dict:
-    """The record as a dict: parses a .jsonl line, checks it is a JSON object."""
-    if isinstance(payload, bytes | bytearray):
-        try:
-            payload = json.loads(payload)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path, line=line) from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8 at byte {e.start} of the line", path, line=line) from None
-    if not isinstance(payload, dict):
-        raise DataError(f"a record must be a JSON object, got {_json_type(payload)}", path, line=line, record=record)
-    return payload
-
-
 def detect_format(record: dict) -> str | None:
     """The format whose identifying keys this record has, or None."""
     for name, keys in _DETECT_KEYS:
@@ -168,27 +72,10 @@ def detect_format(record: dict) -> str | None:
 
 
 def detect_file_format(path) -> str:
-    """The format of a file, from its first record that parses as a JSON object with a known format's keys.
+    """The format of a file, from its first record with a known format's keys (see `sources.detect_source_format`)."""
+    from fastsft.data.sources import detect_source_format
 
-    Records before it that are malformed are left for the reading pass to report (or skip with --skip-bad).
-    """
-    first_error = None
-    for line, record_index, payload, _ in iter_raw_records(path):
-        try:
-            record = load_record(payload, path, line, record_index)
-        except DataError as e:
-            first_error = first_error or e
-            continue
-        name = detect_format(record)
-        if name is not None:
-            return name
-        keys = ", ".join(sorted(record)) or "none"
-        expected = "; ".join(f"{n}: {'+'.join(k)}" for n, k in _DETECT_KEYS)
-        raise DataError(f"cannot detect the format from this record's keys ({keys}); expected one of {expected}, "
-                        "or pass --format", path, line=line, record=record_index)
-    if first_error is not None:
-        raise first_error
-    raise DataError("no records in file", path)
+    return detect_source_format(path)
 
 
 # ---------------------------------------------------------------------------------------------- normalizing
@@ -279,6 +166,8 @@ def read_documents(path, fmt: str = "auto") -> Iterator[tuple[int, int | None, l
 
     Convenience for small files and tests; `fastsft prepare` streams raw records to its workers instead.
     """
+    from fastsft.data.sources import iter_raw_records, load_record
+
     fmt = detect_file_format(path) if fmt == "auto" else fmt
     for line, record_index, payload, _ in iter_raw_records(path):
         record = load_record(payload, path, line, record_index)

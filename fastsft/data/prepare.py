@@ -1,14 +1,19 @@
 """Tokenize instruction data into memory-mapped shards with a loss mask (`fastsft prepare`).
 
-Flow: .jsonl/.json files -> `formats` (records -> conversations or texts) -> `tokenizer` (ids + loss mask, in N worker
+Flow: input files or folders -> `sources` (record readers: .jsonl/.json, gzip, parquet, `datasets` folders, streamed
+in batches) -> `formats` (records -> conversations or texts) -> `tokenizer` (ids + loss mask, in N worker
 processes, order preserved) -> truncation/drop/split -> `ShardWriter` (OUT/train/*.shard, OUT/val/*.shard) ->
 OUT/manifest.json, which the loader (`open_shards`, `PackedLoader`) reads.
 
 Output is identical for any number of workers. The validation split is chosen per document by hashing (seed, token
 ids, loss mask), so it is deterministic in the seed and identical duplicates always land in the same split.
 
+Memory stays bounded whatever the input size: records are read in chunks, at most 4 chunks per worker are in flight,
+and documents are written to shard files as they come.
+
 The dataset is built in a hidden staging directory next to OUT and moved into place at the end, manifest written last:
-a directory without manifest.json is incomplete. An OUT that already holds a dataset is replaced only with
+a directory without manifest.json is incomplete. Staging directories left by a killed prepare (kill -9) are removed by
+the next prepare of the same OUT. An OUT that already holds a dataset is replaced only with
 --overwrite. Bad records stop prepare with their file, line and field unless --skip-bad (then they are counted, and a
 few examples kept in the manifest); a malformed .json list (as opposed to one bad .jsonl line) always stops it,
 since nothing after the error can be located.
@@ -33,8 +38,19 @@ from pathlib import Path
 import numpy as np
 
 from fastsft._fsutil import replace_dir
-from fastsft.data.formats import FORMATS, DataError, detect_file_format, iter_raw_records, load_record, normalize_record
+from fastsft.data.formats import FORMATS, DataError, normalize_record
 from fastsft.data.manifest import MANIFEST_FORMAT_VERSION, MANIFEST_NAME, write_manifest
+from fastsft.data.sources import (
+    SourceFile,
+    column_error,
+    detect_source_format,
+    iter_raw_records,
+    load_record,
+    map_columns,
+    parse_columns,
+    resolve_sources,
+    surrogate_field,
+)
 from fastsft.data.tokenizer import TRAIN_ON, Tokenizer, load_tokenizer
 
 SPLITS = ("train", "val")
@@ -44,7 +60,7 @@ DROP_NO_LOSS = "no_loss_tokens"
 DROP_NO_LOSS_AFTER_TRUNCATION = "no_loss_tokens_after_truncation"
 # Options that change the output (the cache key); workers and progress do not.
 OUTPUT_OPTIONS = {"max_len": None, "format": "auto", "val_fraction": 0.0, "seed": 0, "skip_bad": False,
-                  "train_on": "all"}
+                  "train_on": "all", "split": None, "columns": None}
 
 # Per-record outcome codes, sent back from the workers.
 KEPT, KEPT_TRUNCATED, DROPPED_NO_LOSS, DROPPED_AFTER_TRUNCATION, BAD = range(5)
@@ -54,8 +70,14 @@ KEPT, KEPT_TRUNCATED, DROPPED_NO_LOSS, DROPPED_AFTER_TRUNCATION, BAD = range(5)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                        help=".jsonl (one JSON object per line) or .json (a list) files, in order")
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                        help="files or folders, in order: .jsonl / .json (a list), optionally .gz; .parquet; a folder "
+                             "written by datasets' save_to_disk; a folder of such files (a hub download)")
+    parser.add_argument("--split", default=None, metavar="NAME",
+                        help="the split to read from a DatasetDict folder or a hub folder with several splits")
+    parser.add_argument("--columns", default=None, metavar="FIELD=COLUMN[,...]",
+                        help="read a format's field from another column, e.g. messages=conversations or "
+                             "prompt=question,completion=answer")
     parser.add_argument("--tokenizer", required=True, metavar="PATH|byte",
                         help="a local Hugging Face tokenizer directory, or 'byte' for the built-in byte tokenizer")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (manifest.json, train/, val/)")
@@ -79,7 +101,7 @@ def run(args) -> int:
         manifest = prepare_dataset(
             args.data, args.tokenizer, args.out, max_len=args.max_len, format=args.format, workers=args.workers,
             val_fraction=args.val_fraction, seed=args.seed, skip_bad=args.skip_bad, train_on=args.train_on,
-            progress=not args.no_progress, overwrite=args.overwrite,
+            progress=not args.no_progress, overwrite=args.overwrite, split=args.split, columns=args.columns,
         )
     except (ValueError, OSError) as e:  # DataError and ShardError are ValueErrors
         print(f"fastsft prepare: error: {e}", file=sys.stderr)
@@ -104,24 +126,29 @@ def summary_text(manifest: dict, out_dir) -> str:
 
 
 def prepare_dataset(data_files, tokenizer, out_dir, max_len=None, format="auto", workers=1, val_fraction=0.0, seed=0,
-                    skip_bad=False, train_on="all", progress=True, overwrite=False) -> dict:
-    """Tokenize `data_files` into OUT/train and OUT/val shards and write OUT/manifest.json; returns the manifest.
+                    skip_bad=False, train_on="all", progress=True, overwrite=False, split=None, columns=None) -> dict:
+    """Tokenize `data_files` (files or folders, see `sources`) into OUT/train and OUT/val shards and write
+    OUT/manifest.json; returns the manifest.
 
-    `tokenizer`: "byte", a tokenizer directory, or a Tokenizer from `load_tokenizer`.
+    `tokenizer`: "byte", a tokenizer directory, or a Tokenizer from `load_tokenizer`. `split`: the split of a
+    DatasetDict or hub folder. `columns`: {format field: column} or "field=column,..." (see `sources.parse_columns`).
     """
     data_files = [Path(f) for f in ([data_files] if isinstance(data_files, str | Path) else data_files)]
     _check_options(data_files, max_len, format, workers, val_fraction, train_on)
+    columns = parse_columns(columns)
+    sources = resolve_sources(data_files, split)
     tokenizer = load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
+    remove_stale_staging(out_dir)
     _check_out_dir(out_dir, overwrite)
     options = dict(max_len=max_len, format=format, workers=workers, val_fraction=val_fraction, seed=seed,
-                   skip_bad=skip_bad, train_on=train_on)
+                   skip_bad=skip_bad, train_on=train_on, split=split, columns=columns or None)
 
-    formats = [detect_file_format(f) if format == "auto" else format for f in data_files]
+    formats = [detect_source_format(src, columns) if format == "auto" else format for src in sources]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        manifest = _write_dataset(data_files, formats, tokenizer, staging, options, progress)
+        manifest = _write_dataset(sources, formats, tokenizer, staging, options, progress)
         replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -132,16 +159,15 @@ def prepare_cached(data_files, tokenizer_spec, cache_root, **opts) -> Path:
     """Prepare into cache_root/<hash of file contents + tokenizer identity + output options> unless it is already
     there; returns that directory. `opts` are `prepare_dataset`'s keyword arguments."""
     data_files = [Path(f) for f in ([data_files] if isinstance(data_files, str | Path) else data_files)]
-    for f in data_files:
-        if not f.is_file():
-            raise FileNotFoundError(f"data file {f}: no such file")
+    sources = resolve_sources(data_files, opts.get("split"))
     tokenizer = load_tokenizer(tokenizer_spec)
     identity = {k: v for k, v in tokenizer.identity().items() if k not in ("path", "name")}
     key_source = {
         "manifest_format_version": MANIFEST_FORMAT_VERSION,
-        "files": [file_sha256(f) for f in data_files],
+        "files": [file_sha256(src.path) for src in sources],
         "tokenizer": identity,
-        "options": {k: opts.get(k, default) for k, default in OUTPUT_OPTIONS.items()},
+        "options": {k: opts.get(k, default) for k, default in OUTPUT_OPTIONS.items() if k != "columns"},
+        "columns": parse_columns(opts.get("columns")),
     }
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:24]
     out_dir = Path(cache_root) / key
@@ -156,10 +182,7 @@ def prepare_cached(data_files, tokenizer_spec, cache_root, **opts) -> Path:
 
 def _check_options(data_files, max_len, format, workers, val_fraction, train_on) -> None:
     if not data_files:
-        raise ValueError("--data: give at least one .jsonl or .json file")
-    for f in data_files:
-        if not f.is_file():
-            raise FileNotFoundError(f"--data {f}: no such file")
+        raise ValueError("--data: give at least one file or folder")
     if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
         raise ValueError(f"--max-len {max_len}: must be an integer >= 2 (or absent for no truncation)")
     if format != "auto" and format not in FORMATS:
@@ -194,6 +217,31 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                           "pass --overwrite to replace it")
 
 
+def remove_stale_staging(out_dir: Path) -> None:
+    """Remove the staging (and set-aside) directories of OUT left by a prepare that was killed: their names carry
+    the pid of the prepare that made them, and that process no longer exists."""
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?:staging|old)-(\d+)-[0-9a-f]+")
+    for entry in os.listdir(parent):
+        match = pattern.fullmatch(entry)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(parent / entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -211,7 +259,7 @@ class Chunk:
 
     path: str
     fmt: str
-    items: list  # (line, record_index, payload) from formats.iter_raw_records
+    items: list  # (line, record_index, payload) from sources.iter_raw_records
     nbytes: int
 
 
@@ -224,19 +272,22 @@ class Job:
     max_len: int | None
     val_fraction: float
     seed: int
+    columns: dict | None = None
 
 
-def iter_chunks(data_files, formats, chunk_records=CHUNK_RECORDS):
-    for path, fmt in zip(data_files, formats, strict=True):
+def iter_chunks(sources, formats, chunk_records=CHUNK_RECORDS):
+    for source, fmt in zip(sources, formats, strict=True):
+        if not isinstance(source, SourceFile):
+            source = resolve_sources([source])[0]
         items, nbytes = [], 0
-        for line, record_index, payload, size in iter_raw_records(path):
+        for line, record_index, payload, size in iter_raw_records(source):
             items.append((line, record_index, payload))
             nbytes += size
             if len(items) == chunk_records:
-                yield Chunk(str(path), fmt, items, nbytes)
+                yield Chunk(str(source.path), fmt, items, nbytes)
                 items, nbytes = [], 0
         if items:
-            yield Chunk(str(path), fmt, items, nbytes)
+            yield Chunk(str(source.path), fmt, items, nbytes)
 
 
 def tokenize_chunk(job: Job, chunk: Chunk):
@@ -246,11 +297,12 @@ def tokenize_chunk(job: Job, chunk: Chunk):
     token_parts, mask_parts, lengths, is_val, statuses, errors = [], [], [], [], [], []
     for line, record_index, payload in chunk.items:
         try:
-            record = load_record(payload, chunk.path, line, record_index)
+            record = map_columns(load_record(payload, chunk.path, line, record_index), job.columns)
             document = normalize_record(record, chunk.fmt, chunk.path, line, record_index)
-            ids, mask = job.tokenizer.encode_document(document, job.train_on)
+            ids, mask = _encode(job, document, record)
         except DataError as e:
             statuses.append(BAD)
+            e = column_error(e, job.columns)
             errors.append(e if e.path else DataError(e.problem, chunk.path, line, record_index, e.field))
             continue
         truncated = job.max_len is not None and len(ids) > job.max_len
@@ -268,6 +320,17 @@ def tokenize_chunk(job: Job, chunk: Chunk):
     masks = np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8)
     return (tokens, masks, np.asarray(lengths, np.int64), np.asarray(is_val, bool), np.asarray(statuses, np.uint8),
             errors)
+
+
+def _encode(job: Job, document, record: dict):
+    try:
+        return job.tokenizer.encode_document(document, job.train_on)
+    except (UnicodeError, TypeError, ValueError):
+        field = surrogate_field(record)  # looked for only when encoding failed: most text has none
+        if field is None:
+            raise
+        raise DataError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not valid Unicode "
+                        "text; fix or remove it", field=field) from None
 
 
 def split_hash(seed: int, ids: np.ndarray, mask: np.ndarray) -> float:
@@ -344,16 +407,17 @@ class _Tally:
                 for k, n in enumerate(self.length_log2) if n]
 
 
-def _write_dataset(data_files, formats, tokenizer, staging: Path, options: dict, progress: bool) -> dict:
+def _write_dataset(sources, formats, tokenizer, staging: Path, options: dict, progress: bool) -> dict:
     started = time.time()
-    job = Job(tokenizer, options["train_on"], options["max_len"], options["val_fraction"], options["seed"])
+    job = Job(tokenizer, options["train_on"], options["max_len"], options["val_fraction"], options["seed"],
+              options["columns"])
     split_names = SPLITS if options["val_fraction"] > 0 else SPLITS[:1]
     from fastsft.data.shards import ShardWriter
 
     writers = {name: ShardWriter(staging / name, tokenizer.vocab_size) for name in split_names}
     tally = _Tally()
-    bar = _progress_bar(sum(f.stat().st_size for f in data_files), progress)
-    results = tokenized_chunks(job, iter_chunks(data_files, formats), options["workers"])
+    bar = _progress_bar(sum(src.path.stat().st_size for src in sources), progress)
+    results = tokenized_chunks(job, iter_chunks(sources, formats), options["workers"])
     try:
         for nbytes, result in results:
             _consume(result, writers, tally, options["skip_bad"])
@@ -370,7 +434,7 @@ def _write_dataset(data_files, formats, tokenizer, staging: Path, options: dict,
 
     kept = sum(s["documents"] for s in summaries.values())
     if kept == 0:
-        raise DataError(f"empty dataset: no document left from {len(data_files)} file(s) ({tally.read} records read, "
+        raise DataError(f"empty dataset: no document left from {len(sources)} file(s) ({tally.read} records read, "
                         f"{tally.skipped} bad skipped, dropped {dict(tally.dropped)})")
     warnings = []
     if "val" in summaries and summaries["val"]["documents"] == 0:
@@ -387,8 +451,9 @@ def _write_dataset(data_files, formats, tokenizer, staging: Path, options: dict,
         "tokenizer": tokenizer.identity(),
         "vocab_size": tokenizer.vocab_size,
         "data_files": [
-            {"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_sha256(f), "format": fmt}
-            for f, fmt in zip(data_files, formats, strict=True)
+            {"path": str(src.path.resolve()), "bytes": src.path.stat().st_size, "sha256": file_sha256(src.path),
+             "format": fmt}
+            for src, fmt in zip(sources, formats, strict=True)
         ],
         "splits": {
             name: {"files": [f"{name}/{file}" for file in s["files"]], "documents": s["documents"],
