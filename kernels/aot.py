@@ -45,9 +45,9 @@ from fastsft.kernels import rms_norm as rms_kernels  # noqa: E402
 # H100 and H200 are both compute capability 9.0 with 32-thread warps.
 SM90 = GPUTarget("cuda", 90, 32)
 # Realistic widths: Llama-3's vocabulary, and hidden sizes from 1B to 405B-class models plus one that is not a power
-# of two (masked tail of the single block).
+# of two (masked tail of the single block), and 128 (Qwen3's per-head q/k norms: several rows per tile).
 VOCAB = 128256
-HIDDEN_SIZES = (2048, 4096, 4100, 8192, 16384)
+HIDDEN_SIZES = (128, 2048, 4096, 4100, 8192, 16384)
 DTYPES = (torch.bfloat16, torch.float32)
 # (label_smoothing, z_loss, softcap): every option off, and every option on (the largest kernel of each job).
 CE_OPTIONS = ((0.0, 0.0, 0.0), (0.1, 1e-4, 30.0))

@@ -105,12 +105,33 @@ def test_bf16_activations_fp32_weight(backend, fused):
     check_against_float64((7, 200), torch.bfloat16, torch.float32, fused, offset=1.0, eps=1e-5)
 
 
-def test_more_rows_than_persistent_programs(triton_interpret):
-    from fastsft.kernels.rms_norm import persistent_programs
+@pytest.mark.parametrize("hidden", [128, 1000, 2048, 2050])
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+def test_widths_and_tiles_of_several_rows(triton_interpret, hidden, fused):
+    """Qwen3's q/k norm width (128: 16 rows per tile), a width stacked two rows per tile with a masked tail (1000),
+    Llama-3.2-1B's hidden (2048: one row per tile) and an odd wide one; the row count leaves a partial last tile
+    and makes every backward program walk several tiles."""
+    from fastsft.kernels.rms_norm import INTERPRETER_PROGRAMS, TILE_ELEMENTS, launch_config
 
-    rows = 37
-    assert persistent_programs(torch.device("cpu"), rows) < rows  # every program really walks several rows
-    check_against_float64((rows, 96), torch.float32, torch.float32, True, offset=0.0)
+    block, rows_per_tile, _ = launch_config(hidden, backward=True)
+    assert rows_per_tile == max(1, TILE_ELEMENTS // block)
+    n_rows = rows_per_tile * INTERPRETER_PROGRAMS * 3 - 3  # 3 tiles per program, the last tile 3 rows short
+    check_against_float64((n_rows, hidden), torch.bfloat16, torch.float32, fused, offset=0.0)
+    check_against_float64((n_rows, hidden), torch.float32, torch.float32, fused, offset=1.0)
+
+
+def test_programs_per_sm_from_occupancy():
+    """Programs per SM from a compiled kernel's registers, warps and shared memory, with sm_90's limits."""
+    from fastsft.kernels.rms_norm import programs_per_sm
+
+    assert programs_per_sm(32, 8, 0) == 8  # 256 threads, 32 registers: the 2048-thread limit, 8 programs
+    assert programs_per_sm(64, 8, 0) == 4  # 64 registers x 2048 threads would be 128k: the register file halves it
+    assert programs_per_sm(60, 8, 0) == 4  # registers are allocated 8 per thread at a time (60 -> 64)
+    assert programs_per_sm(16, 1, 0) == 32  # one warp each: the 32 resident blocks limit
+    assert programs_per_sm(40, 4, 100 * 1024) == 2  # shared memory: 2 x 100 KiB in 228 KiB
+    assert programs_per_sm(255, 32, 0) == 1  # never fewer than one
+    small = {"threads": 1536, "registers": 65536, "shared_bytes": 100 * 1024, "blocks": 16}  # another GPU's limits
+    assert programs_per_sm(32, 8, 0, small) == 6
 
 
 @pytest.mark.parametrize("shape", [(0, 96), (2, 0, 96)])
@@ -267,12 +288,15 @@ def test_bad_inputs_say_what_is_wrong():
 
 
 def test_launch_config():
-    from fastsft.kernels.rms_norm import MAX_HIDDEN, launch_config
+    from fastsft.kernels.rms_norm import MAX_HIDDEN, TILE_ELEMENTS, launch_config
 
-    for hidden in (1, 64, 96, 200, 2048, 4100, 8192, 16384, MAX_HIDDEN):
-        block, num_warps = launch_config(hidden)
-        assert block >= hidden and block & (block - 1) == 0 and block < 2 * hidden
-        assert num_warps in (1, 2, 4, 8, 16, 32)
+    for hidden in (1, 64, 96, 128, 200, 2048, 4100, 8192, 16384, MAX_HIDDEN):
+        for backward in (False, True):
+            block, rows, num_warps = launch_config(hidden, backward)
+            assert block >= hidden and block & (block - 1) == 0 and block < 2 * hidden
+            assert rows & (rows - 1) == 0 and (rows == 1 or rows * block == TILE_ELEMENTS)
+            assert num_warps in (1, 2, 4, 8, 16, 32)
+    assert launch_config(128)[1] == 16 and launch_config(2048)[1] == 1
     with pytest.raises(ValueError, match="hidden size 65537"):
         launch_config(MAX_HIDDEN + 1)
 
