@@ -276,3 +276,70 @@ def test_one_compilation_and_only_prompt_parameters_move(method, tmp_path):
     assert rel_err(compiled_losses, eager_losses) < 1e-5
     for name in eager_state:
         assert rel_err(compiled_state[name], eager_state[name]) < 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------- PEFT format
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_projection"])
+def test_export_loads_in_peft_with_the_same_loss_and_logits(arch, method, tmp_path):
+    """Ours (random prompt parameters) -> PEFT directory -> PeftModel.from_pretrained on the transformers model:
+    no missing keys, same logits and loss on a document; and PEFT's own save of the same adapter loads back into
+    fastsft with the same logits."""
+    from safetensors.torch import load_file
+
+    from fastsft.adapters.prompt_peft import load_peft_prompt_adapter, save_peft_prompt_adapter
+
+    n = 3
+    reference, ours = peft_and_ours(arch, method, n, tmp_path)
+    with torch.no_grad():
+        for p in ours.prompt_adapter.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # differ from PEFT's copy: the loaded values must come from our files
+    save_peft_prompt_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "hf"))
+    _, model_cls, _ = ARCHS[arch]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT warns on missing / unexpected adapter keys
+        loaded = peft.PeftModel.from_pretrained(model_cls.from_pretrained(tmp_path / "hf"), tmp_path / "adapter")
+    doc = random_docs([12])[0]
+    supervised = random_supervision([doc])[0]
+    batch = make_row([doc], len(doc) + ours.prompt_adapter.row_tokens, ours.prompt_adapter.row_tokens,
+                     supervised=[supervised])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = loaded(input_ids=torch.tensor([doc]), attention_mask=torch.ones(1, len(doc), dtype=torch.int64))
+        mine = ours.logits(**batch.model_inputs())
+        assert rel_err(mine[-len(doc):], theirs.logits[0, -len(doc):]) < 1e-5
+        assert rel_err(ours.loss(batch, num_items=1), peft_summed_loss(loaded, doc, supervised)) < 1e-5
+
+    # PEFT's own save of its reference adapter, into a fresh fastsft model: the same logits as PEFT gives.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.save_pretrained(tmp_path / "peft_saved")
+    assert set(load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")) == {"prompt_embeddings"}
+    fresh = Transformer.from_pretrained(tmp_path / "hf")
+    adapter = load_peft_prompt_adapter(fresh, tmp_path / "peft_saved")
+    assert all(p.requires_grad for p in adapter.parameters())
+    assert not any(p.requires_grad for name, p in fresh.named_parameters() if not name.startswith("prompt_adapter"))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.eval()
+        theirs = reference(input_ids=torch.tensor([doc]), attention_mask=torch.ones(1, len(doc))).logits[0]
+        mine = fresh.logits(**batch.model_inputs())
+    assert rel_err(mine[-len(doc):], theirs[-len(doc):]) < 1e-5
+
+
+def test_loading_an_adapter_of_another_model_names_the_field(tmp_path):
+    import json
+
+    from fastsft.adapters.prompt_peft import load_peft_prompt_adapter, save_peft_prompt_adapter
+
+    _, ours = peft_and_ours("llama", "prefix_tuning", 2, tmp_path)
+    save_peft_prompt_adapter(ours, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "num_layers": 5}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: num_layers is 5 but the model needs 2"):
+        load_peft_prompt_adapter(Transformer.from_pretrained(tmp_path / "hf"), tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LORA"}))
+    with pytest.raises(ValueError, match=r"peft_type 'LORA' is not a prompt-learning type"):
+        load_peft_prompt_adapter(Transformer.from_pretrained(tmp_path / "hf"), tmp_path / "adapter")
