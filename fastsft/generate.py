@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fastsft.data.batch import PAD_ID
+
 # The packed row for one forward holds at most this many tokens: bounds the attention's memory on the CPU path,
 # whose block-diagonal mask is O(tokens^2).
 MAX_TOKENS_PER_FORWARD = 2048
@@ -39,7 +41,11 @@ def _pack(seqs: list[list[int]], device: torch.device):
 
 
 def _next_token_logits(model, seqs: list[list[int]], device) -> torch.Tensor:
-    """[len(seqs), vocab] logits of the token after each sequence, from one packed forward."""
+    """[len(seqs), vocab] logits of the token after each sequence, from one packed forward. A prompt-tuning or
+    P-tuning adapter gets its virtual slots in front of each sequence (fastsft/adapters/prompt.py)."""
+    adapter = getattr(model, "prompt_adapter", None)
+    if adapter is not None and adapter.row_tokens:
+        seqs = [[PAD_ID] * adapter.row_tokens + s for s in seqs]  # the adapter writes its prompts into these slots
     ids, positions, cu, max_seqlen = _pack(seqs, device)
     hidden = model(ids, positions, cu, max_seqlen)
     last = hidden[cu[1:].long() - 1]
@@ -170,6 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="an optional system message")
     parser.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (default: the model's)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT adapter directory to apply to --model (prompt tuning, P-tuning, prefix tuning)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
@@ -187,6 +195,10 @@ def run(args) -> int:
     try:
         tokenizer = load_tokenizer_for(path, args.tokenizer)
         model = load_model(path, device=device)
+        if args.adapter:
+            from fastsft.adapters.prompt_peft import load_peft_prompt_adapter
+
+            load_peft_prompt_adapter(model, args.adapter)
     except (FileNotFoundError, ValueError) as e:
         print(f"fastsft generate: {e}", file=sys.stderr)
         return 2
