@@ -40,7 +40,7 @@ from common import matmul_tflops, write_result
 from conftest import requires_cuda
 
 from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch
-from fastsft.model import Transformer
+from fastsft.model import ModelConfig, Transformer
 from fastsft.train.step import TrainStep, apply_compile, build_optimizer, mfu
 
 SEQ_LEN = 8192
@@ -154,7 +154,7 @@ def to_device(batch: dict) -> dict:
 
 
 def fastsft_variant(rows):
-    model = Transformer.from_config(LLAMA_3_2_1B, device=DEVICE, seed=0)
+    model = Transformer.from_config(ModelConfig(**LLAMA_3_2_1B), device=DEVICE, seed=0)
     apply_compile(model, "blocks")
     step = TrainStep(model, build_optimizer(model, lr=1e-5), max_grad_norm=1.0, precision="bf16")
     batches = [fastsft_batch(docs).to(DEVICE) for docs in rows]
@@ -273,7 +273,7 @@ def run_benchmark(num_rows: int = 12, warmup: int = 3) -> dict:
     lengths = [len(d) for docs in rows for d in docs]
     context = sum(n * n for n in lengths) / sum(lengths)
     with torch.device("meta"):
-        flops_per_token = Transformer.from_config(LLAMA_3_2_1B).flops_per_token(context)
+        flops_per_token = Transformer.from_config(ModelConfig(**LLAMA_3_2_1B)).flops_per_token(context)
     peak_tflops = matmul_tflops()
     results = {name: measure(name, rows, warmup) for name in VARIANTS}
     for r in results.values():

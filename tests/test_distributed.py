@@ -67,7 +67,7 @@ def test_two_ranks_match_one_rank_with_twice_the_rows(tmp_path):
     assert eval_two["exact_match_count"] == eval_one["exact_match_count"]
 
     # Export gathers the sharded checkpoint into full weights in one process: they match the one-rank run's.
-    from fastsft.generate import load_model
+    from fastsft.train.generate_command import load_model
 
     full_one = load_model(ckpt.latest_checkpoint(single)).state_dict()
     full_two = load_model(ckpt.latest_checkpoint(sharded)).state_dict()

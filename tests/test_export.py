@@ -7,8 +7,9 @@ from train_utils import tiny_config, write_tiny_data
 
 from fastsft.cli import main
 from fastsft.data.tokenizer import load_tokenizer
-from fastsft.generate import generate_batch, load_model
+from fastsft.generate import generate_batch
 from fastsft.train import checkpoint as ckpt
+from fastsft.train.generate_command import load_model
 from fastsft.train.trainer import Trainer
 
 PROMPTS = [

@@ -3,7 +3,7 @@ without leakage, Hugging Face checkpoints in and out (single file and sharded), 
 
 The reference is transformers' own *ForCausalLM built from a tiny random config (weights re-drawn with a larger
 spread and random norm gains so every parameter matters), saved with save_pretrained and loaded by
-Transformer.from_pretrained. fp32 on CPU; comparisons by relative error.
+fastsft.hf_checkpoint.load_pretrained. fp32 on CPU; comparisons by relative error.
 """
 
 import json
@@ -24,7 +24,9 @@ from transformers import (
 )
 
 from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch
-from fastsft.model import ModelConfig, Transformer, generate, hf_key_map
+from fastsft.generate import generate_batch
+from fastsft.hf_checkpoint import config_from_hf, hf_key_map, load_pretrained, save_pretrained
+from fastsft.model import ModelConfig, Transformer
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -110,7 +112,7 @@ def single_row(ids):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_logits_loss_grads_match_transformers(arch, tmp_path):
     hf = hf_model(arch, tmp_path)
-    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
     assert ours.config.model_type == hf.config.model_type
     ids = random_docs([29])[0]
 
@@ -133,7 +135,7 @@ def test_matches_transformers_with_triton_kernels(tmp_path, triton_interpret):
     """The same comparison with the ops' real Triton kernels (interpreter on CPU): the model does not depend on
     how the ops are implemented."""
     hf = hf_model("qwen3-tied", tmp_path)
-    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
     ids = random_docs([21])[0]
     ref_loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss
     ref_loss.backward()
@@ -147,7 +149,7 @@ def test_matches_transformers_with_triton_kernels(tmp_path, triton_interpret):
 
 def test_packed_row_equals_documents_one_by_one(tmp_path):
     hf_model("qwen3-tied", tmp_path)
-    model = Transformer.from_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
     docs = random_docs([11, 1, 17])
     batch = make_batch(docs, seq_len=36)  # 7 padding tokens: the tail is its own segment
     packed = model(**batch.model_inputs())
@@ -164,7 +166,7 @@ def test_packed_row_equals_documents_one_by_one(tmp_path):
 
 def test_loss_uses_only_supervised_positions(tmp_path):
     hf = hf_model("llama-gqa-llama3rope", tmp_path)
-    model = Transformer.from_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
     doc = random_docs([20])[0]
     mask = [t >= 8 for t in range(20)]  # a prompt of 8 tokens without loss
     batch = make_batch([doc], seq_len=24, supervised=[mask], bucket=16)
@@ -181,8 +183,8 @@ def test_loss_uses_only_supervised_positions(tmp_path):
 @pytest.mark.parametrize("arch", ["llama-tied-bias", "qwen2-linear-rope", "qwen3-tied", "mistral"])
 def test_save_loads_in_transformers_and_round_trips(arch, tmp_path):
     hf = hf_model(arch, tmp_path)
-    ours = Transformer.from_pretrained(tmp_path / "hf")
-    ours.save_pretrained(tmp_path / "ours")
+    ours = load_pretrained(tmp_path / "hf")
+    save_pretrained(ours, tmp_path / "ours")
     reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
     assert type(reloaded) is type(hf)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -193,7 +195,7 @@ def test_save_loads_in_transformers_and_round_trips(arch, tmp_path):
     ours_tensors = load_file(tmp_path / "ours" / "model.safetensors")
     hf_tensors = load_file(tmp_path / "hf" / "model.safetensors")
     assert ours_tensors.keys() == hf_tensors.keys()
-    Transformer.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "again")
+    save_pretrained(load_pretrained(tmp_path / "ours"), tmp_path / "again")
     again = load_file(tmp_path / "again" / "model.safetensors")
     for name, tensor in ours_tensors.items():
         assert tensor.dtype == again[name].dtype == hf_tensors[name].dtype
@@ -204,8 +206,8 @@ def test_save_loads_in_transformers_and_round_trips(arch, tmp_path):
 
 def test_sharded_save_and_load(tmp_path):
     hf = hf_model("llama-gqa-llama3rope", tmp_path)
-    model = Transformer.from_pretrained(tmp_path / "hf")
-    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    model = load_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and not (tmp_path / "sharded" / "model.safetensors").exists()
@@ -214,29 +216,29 @@ def test_sharded_save_and_load(tmp_path):
     ids = torch.tensor([random_docs([13])[0]])
     with torch.no_grad():
         assert torch.equal(reloaded.float()(ids).logits, hf(ids).logits)
-    ours_again = Transformer.from_pretrained(tmp_path / "sharded")
+    ours_again = load_pretrained(tmp_path / "sharded")
     for name, p in model.state_dict().items():
         assert torch.equal(p, ours_again.state_dict()[name]), name
 
 
 def test_save_is_atomic_and_keeps_other_files(tmp_path):
-    model = Transformer.from_config(dict(SMALL), seed=1)
+    model = Transformer.from_config(ModelConfig(**SMALL), seed=1)
     target = tmp_path / "out"
     target.mkdir()
     (target / "tokenizer.json").write_text("{}")
     (target / "model-00001-of-00009.safetensors").write_text("stale shard")
-    model.save_pretrained(target, dtype=torch.bfloat16)
+    save_pretrained(model, target, dtype=torch.bfloat16)
     names = sorted(p.name for p in target.iterdir())
     assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
-    loaded = Transformer.from_pretrained(target)
+    loaded = load_pretrained(target)
     assert loaded.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight.to(torch.bfloat16))
 
 
 def test_from_config_random_init_like_transformers():
-    model = Transformer.from_config(dict(SMALL, initializer_range=0.05), seed=3)
-    again = Transformer.from_config(dict(SMALL, initializer_range=0.05), seed=3)
+    model = Transformer.from_config(ModelConfig(**SMALL, initializer_range=0.05), seed=3)
+    again = Transformer.from_config(ModelConfig(**SMALL, initializer_range=0.05), seed=3)
     for (name, p), q in zip(model.named_parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q), name
     w = model.layers[0].mlp.up_proj.weight
@@ -249,7 +251,7 @@ def test_from_config_random_init_like_transformers():
 
 
 def test_flops_per_token():
-    model = Transformer.from_config(dict(SMALL, tie_word_embeddings=True))
+    model = Transformer.from_config(ModelConfig(**SMALL, tie_word_embeddings=True))
     h, v, layers = SMALL["hidden_size"], SMALL["vocab_size"], SMALL["num_hidden_layers"]
     per_layer = h * 4 * 16 + 2 * (h * 2 * 16) + 4 * 16 * h + 3 * h * SMALL["intermediate_size"]  # q, k+v, o, mlp
     matmul_weights = layers * per_layer + v * h  # + the tied lm_head matmul
@@ -258,7 +260,7 @@ def test_flops_per_token():
 
 def test_bf16_autocast_close_to_fp32(tmp_path):
     hf_model("qwen2-linear-rope", tmp_path)
-    model = Transformer.from_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
     batch = make_batch(random_docs([12, 9]), seq_len=24)
     ref = model.loss(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -268,9 +270,9 @@ def test_bf16_autocast_close_to_fp32(tmp_path):
 
 def test_generate_greedy_matches_transformers(tmp_path):
     hf = hf_model("llama-gqa-llama3rope", tmp_path)
-    model = Transformer.from_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
     prompt = random_docs([7])[0]
-    ours = generate(model, prompt, max_new_tokens=6)
+    (ours,) = generate_batch(model, [prompt], max_new_tokens=6)
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
@@ -280,26 +282,26 @@ def test_generate_greedy_matches_transformers(tmp_path):
 def test_config_errors_name_field_and_supported(tmp_path):
     base = LlamaConfig(**SMALL).to_dict()
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported: llama, mistral, qwen2"):
-        ModelConfig.from_hf_config({**base, "model_type": "gpt2"})
+        config_from_hf({**base, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="'yarn' is not supported; supported: none/default, linear, llama3"):
-        ModelConfig.from_hf_config({**base, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+        config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
-        ModelConfig.from_hf_config({**base, "hidden_act": "gelu"})
+        config_from_hf({**base, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
-        ModelConfig.from_hf_config({**base, "num_key_value_heads": 3})
+        config_from_hf({**base, "num_key_value_heads": 3})
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}')
     with pytest.raises(ValueError, match=r"config.json, line 3, column 3: invalid JSON"):
-        Transformer.from_pretrained(tmp_path / "bad")
+        load_pretrained(tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        Transformer.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
 
 
 def test_legacy_rope_config_reads_the_same():
     """transformers 4.x wrote rope_theta + rope_scaling; 5.x writes rope_parameters: both give the same config."""
     legacy = {**SMALL, "model_type": "llama", "rope_theta": 5e5, "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}}
     modern = {**SMALL, "model_type": "llama", "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}}
-    assert ModelConfig.from_hf_config(legacy) == ModelConfig.from_hf_config(modern)
+    assert config_from_hf(legacy) == config_from_hf(modern)
 
 
 def test_missing_and_unexpected_weights_are_listed(tmp_path):
@@ -312,11 +314,11 @@ def test_missing_and_unexpected_weights_are_listed(tmp_path):
     save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing model.layers.1.mlp.up_proj.weight; "
                                          r"unexpected model.layers.7.mlp.up_proj.weight"):
-        Transformer.from_pretrained(tmp_path / "hf")
+        load_pretrained(tmp_path / "hf")
 
 
 def test_sliding_window_shorter_than_rows_is_an_error(tmp_path):
-    model = Transformer.from_config({**SMALL, "model_type": "mistral", "sliding_window": 16})
+    model = Transformer.from_config(ModelConfig(**SMALL, model_type="mistral", sliding_window=16))
     batch = make_batch(random_docs([10]), seq_len=32)
     with pytest.raises(ValueError, match="sliding_window=16 but max_seqlen=32"):
         model.loss(batch)
@@ -328,8 +330,8 @@ def test_cuda_bf16_matches_cpu_fp32_and_does_not_leak(tmp_path):
     """On the GPU (the fast attention backend, Triton kernels, bf16 autocast): loss close to the CPU fp32 model,
     and a packed row still equals its documents run one by one."""
     hf_model("llama-gqa-llama3rope", tmp_path)
-    cpu = Transformer.from_pretrained(tmp_path / "hf")
-    gpu = Transformer.from_pretrained(tmp_path / "hf", device="cuda")
+    cpu = load_pretrained(tmp_path / "hf")
+    gpu = load_pretrained(tmp_path / "hf", device="cuda")
     docs = random_docs([40, 3, 70])
     batch = make_batch(docs, seq_len=128)
     with torch.autocast("cuda", dtype=torch.bfloat16):

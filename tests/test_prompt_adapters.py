@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from fastsft.adapters.prompt import PromptConfig, apply_prompt_adapter
 from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch
-from fastsft.model import Transformer
+from fastsft.hf_checkpoint import load_pretrained
 
 peft = pytest.importorskip("peft")
 
@@ -62,7 +62,7 @@ def base_pair(arch, tmp_path):
     hf = model_cls(config_cls(**{**SMALL, **overrides})).float()
     spread_weights(hf)
     hf.save_pretrained(tmp_path / "hf")
-    return hf, Transformer.from_pretrained(tmp_path / "hf")
+    return hf, load_pretrained(tmp_path / "hf")
 
 
 def peft_and_ours(arch, method, n, tmp_path):
@@ -317,7 +317,7 @@ def test_export_loads_in_peft_with_the_same_loss_and_logits(arch, method, tmp_pa
         warnings.simplefilter("ignore")
         reference.save_pretrained(tmp_path / "peft_saved")
     assert set(load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")) == {"prompt_embeddings"}
-    fresh = Transformer.from_pretrained(tmp_path / "hf")
+    fresh = load_pretrained(tmp_path / "hf")
     adapter = load_peft_prompt_adapter(fresh, tmp_path / "peft_saved")
     assert all(p.requires_grad for p in adapter.parameters())
     assert not any(p.requires_grad for name, p in fresh.named_parameters() if not name.startswith("prompt_adapter"))
@@ -339,10 +339,10 @@ def test_loading_an_adapter_of_another_model_names_the_field(tmp_path):
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "num_layers": 5}))
     with pytest.raises(ValueError, match=r"adapter_config.json: num_layers is 5 but the model needs 2"):
-        load_peft_prompt_adapter(Transformer.from_pretrained(tmp_path / "hf"), tmp_path / "adapter")
+        load_peft_prompt_adapter(load_pretrained(tmp_path / "hf"), tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LORA"}))
     with pytest.raises(ValueError, match=r"peft_type 'LORA' is not a prompt-learning type"):
-        load_peft_prompt_adapter(Transformer.from_pretrained(tmp_path / "hf"), tmp_path / "adapter")
+        load_peft_prompt_adapter(load_pretrained(tmp_path / "hf"), tmp_path / "adapter")
 
 
 # ------------------------------------------------------------------------------------------------- generation
@@ -378,7 +378,7 @@ def test_generate_command_applies_an_adapter(tmp_path, capsys):
     hf = LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": byte.vocab_size})).float()
     spread_weights(hf)
     hf.save_pretrained(tmp_path / "hf")
-    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
     apply_prompt_adapter(ours, PromptConfig(method="prompt_tuning", num_virtual_tokens=4))
     save_peft_prompt_adapter(ours, tmp_path / "adapter")
     args = ["generate", "--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--raw", "--prompt", "abc",
@@ -388,6 +388,6 @@ def test_generate_command_applies_an_adapter(tmp_path, capsys):
     (expected,) = generate_batch(ours.eval(), [byte.encode("abc")], 6, stop_ids=byte.stop_ids)
     assert printed == byte.decode(expected, skip_special_tokens=True)
     assert main(args) == 0  # without the adapter: another continuation (the prompts matter)
-    (plain,) = generate_batch(Transformer.from_pretrained(tmp_path / "hf").eval(), [byte.encode("abc")], 6,
+    (plain,) = generate_batch(load_pretrained(tmp_path / "hf").eval(), [byte.encode("abc")], 6,
                               stop_ids=byte.stop_ids)
     assert plain != expected

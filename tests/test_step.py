@@ -9,7 +9,7 @@ import torch
 from test_model import SMALL, make_batch, random_docs
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from fastsft.model import Transformer
+from fastsft.model import ModelConfig, Transformer
 from fastsft.train.step import (
     TrainStep,
     apply_activation_checkpointing,
@@ -24,7 +24,7 @@ TINY = dict(SMALL, num_hidden_layers=2)
 
 
 def fresh_model(seed=0, **overrides):
-    return Transformer.from_config(dict(TINY, **overrides), seed=seed)
+    return Transformer.from_config(ModelConfig(**{**TINY, **overrides}), seed=seed)
 
 
 def batches(lengths_per_row, seq_len=32, seed=0):
@@ -257,8 +257,8 @@ def test_mfu():
 
 @pytest.mark.gpu
 def test_cuda_bf16_compiled_step_has_no_sync():
-    model = Transformer.from_config(dict(TINY, hidden_size=256, intermediate_size=512, head_dim=64),
-                                    device="cuda", seed=0)
+    config = ModelConfig(**dict(TINY, hidden_size=256, intermediate_size=512, head_dim=64))
+    model = Transformer.from_config(config, device="cuda", seed=0)
     apply_compile(model, "blocks")
     optimizer = build_optimizer(model, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(2, 20))

@@ -74,10 +74,11 @@ def test_resume_refuses_another_slot_count(dataset):
 
 def test_model_refuses_rows_without_the_adapters_slots(tmp_path):
     from fastsft.adapters.prompt import PromptConfig, apply_prompt_adapter
-    from fastsft.model import Transformer
+    from fastsft.model import ModelConfig, Transformer
 
-    model = Transformer.from_config(dict(vocab_size=500, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                         num_attention_heads=2), seed=0)
+    config = ModelConfig(vocab_size=500, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2)
+    model = Transformer.from_config(config, seed=0)
     apply_prompt_adapter(model, PromptConfig(method="prompt_tuning", num_virtual_tokens=4))
     batch = next(iter(PackedLoader(tmp_path_dataset(tmp_path), seq_len=SEQ_LEN, max_docs=4, prefetch=0)))
     with pytest.raises(ValueError, match=r"virtual_tokens=4"):

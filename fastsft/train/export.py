@@ -34,14 +34,15 @@ def export_checkpoint(checkpoint, out, dtype: str = "auto", max_shard_size: str 
     """Write `checkpoint` as a Hugging Face model directory at `out`; returns `out`."""
     import torch
 
-    from fastsft.generate import load_model, load_tokenizer_for
+    from fastsft.hf_checkpoint import save_pretrained
+    from fastsft.train.generate_command import load_model, load_tokenizer_for
 
     checkpoint = resolve_checkpoint(checkpoint)
     model = load_model(checkpoint, device="cpu")
     tok = load_tokenizer_for(checkpoint, tokenizer)
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     out = Path(out)
-    model.save_pretrained(out, max_shard_size=max_shard_size, dtype=torch_dtype)
+    save_pretrained(model, out, max_shard_size=max_shard_size, dtype=torch_dtype)
     tok.save_pretrained(out)
     return out
 

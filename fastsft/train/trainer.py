@@ -172,7 +172,8 @@ def require_model_dir(cfg: TrainConfig) -> Path:
 
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
     """The model on `device`: loaded from model.path, or new from the model.* fields (seeded by train.seed)."""
-    from fastsft.model import ModelConfig, Transformer
+    from fastsft.hf_checkpoint import config_from_hf, load_pretrained
+    from fastsft.model import Transformer
 
     dtype = DTYPES["bfloat16" if cfg.model.dtype == "bfloat16" else "float32"]
     if cfg.model.dtype == "auto":
@@ -180,7 +181,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
     if cfg.model.path:
         path = require_model_dir(cfg)
         try:
-            model = Transformer.from_pretrained(str(path), dtype=dtype, device=device)
+            model = load_pretrained(str(path), dtype=dtype, device=device)
         except ValueError as e:  # an unsupported or inconsistent checkpoint: the message says what is supported
             raise RunError(str(e) if str(path) in str(e) else f"model.path={path}: {e}") from None
         embed_rows = model.config.vocab_size
@@ -201,7 +202,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
         rope_theta=cfg.model.rope_theta,
         tie_word_embeddings=cfg.model.tie_word_embeddings,
     )
-    return Transformer.from_config(ModelConfig.from_hf_config(hf, source="model.* options"), dtype=dtype, device=device,
+    return Transformer.from_config(config_from_hf(hf, source="model.* options"), dtype=dtype, device=device,
                                    seed=cfg.train.seed)
 
 
@@ -419,7 +420,9 @@ class Trainer:
         """config.json + tokenizer files, so export/generate can rebuild the model from a checkpoint alone."""
         import json
 
-        hf = self.model_config.to_hf_config(self.param_dtype)
+        from fastsft.hf_checkpoint import config_to_hf
+
+        hf = config_to_hf(self.model_config, self.param_dtype)
         (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         self.tokenizer.save_pretrained(directory)
 

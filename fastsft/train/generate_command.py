@@ -1,0 +1,122 @@
+"""`fastsft generate`: a quick look at what a model says.
+
+Sits after training, beside `fastsft export`: `fastsft generate --model DIR --prompt "..."` where DIR is a Hugging Face
+model directory (e.g. from `fastsft export`) or a fastsft checkpoint directory (OUT/checkpoint-<step>). The prompt goes
+through the tokenizer's chat template as one user turn (--raw feeds it as plain text instead); the tokens come from
+`fastsft.generate.generate_batch` (greedy by default; --temperature > 0 samples, optionally from the top-k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fastsft.adapters.prompt_peft import load_peft_prompt_adapter
+from fastsft.data.tokenizer import load_tokenizer
+from fastsft.generate import generate_batch
+from fastsft.hf_checkpoint import config_from_hf, load_pretrained, read_json
+from fastsft.model import Transformer
+from fastsft.train.distributed import load_sharded_into_full_model
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a model directory or a fastsft checkpoint
+
+
+def is_fastsft_checkpoint(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
+
+
+def load_tokenizer_for(path: Path, override: str | None = None):
+    """The tokenizer saved with a model directory or checkpoint (the built-in byte tokenizer when it was used)."""
+    if override:
+        return load_tokenizer(override)
+    state_file = path / "trainer_state.json"
+    if state_file.is_file():
+        kind = (json.loads(state_file.read_text()).get("tokenizer") or {}).get("kind")
+        if kind == "byte":
+            return load_tokenizer("byte")
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json here; pass --tokenizer DIR (or 'byte')")
+    return load_tokenizer(str(path))
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """A Transformer from a Hugging Face model directory or a fastsft checkpoint (one-process or sharded)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {path}: no such directory")
+    if not is_fastsft_checkpoint(path):
+        return load_pretrained(path, dtype=dtype, device=device)
+    config = config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+    model = Transformer(config, device="cpu")
+    if (path / "model.pt").is_file():
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    elif (path / "dcp").is_dir():
+        load_sharded_into_full_model(path / "dcp", model)
+    else:
+        raise FileNotFoundError(f"{path}: a fastsft checkpoint without model.pt or dcp/ (incomplete copy?)")
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory or fastsft checkpoint")
+    parser.add_argument("--prompt", required=True, help="the user message (or plain text with --raw)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = all)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--system", default=None, help="an optional system message")
+    parser.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (default: the model's)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT adapter directory to apply to --model (prompt tuning, P-tuning, prefix tuning)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def run(args) -> int:
+    if args.max_new_tokens <= 0:
+        print("fastsft generate: --max-new-tokens must be > 0", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    path = Path(args.model)
+    if not path.is_dir():  # checked first: the tokenizer lookup would blame a missing tokenizer.json instead
+        print(f"fastsft generate: --model {path}: no such directory; give a Hugging Face model directory or a "
+              "fastsft checkpoint", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = load_tokenizer_for(path, args.tokenizer)
+        model = load_model(path, device=device)
+        if args.adapter:
+            load_peft_prompt_adapter(model, args.adapter)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastsft generate: {e}", file=sys.stderr)
+        return 2
+    model.eval()
+    if args.raw:
+        prompt_ids = tokenizer.encode(args.prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        prompt_ids = tokenizer.prompt_ids(messages)
+    if len(prompt_ids) + args.max_new_tokens > model.config.max_position_embeddings:
+        print(f"note: prompt ({len(prompt_ids)} tokens) + --max-new-tokens exceeds the model's "
+              f"max_position_embeddings ({model.config.max_position_embeddings})", file=sys.stderr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    with autocast:
+        (output,) = generate_batch(model, [prompt_ids], args.max_new_tokens, stop_ids=tokenizer.stop_ids,
+                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    # Special tokens (a sampled <pad>, the closing end-of-turn) are markup, not text: keep them out of the answer.
+    print(tokenizer.decode(output, skip_special_tokens=True))
+    return 0
