@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every Triton kernel as compiled for an H100/H200 (sm_90), without a GPU.
 
-Runs `fastsft.kernels.aot` (which records the launches the ops make at realistic widths and compiles each to a cubin
+Runs `bench/aot.py` (which records the launches the ops make at realistic widths and compiles each to a cubin
 with the ptxas shipped in the triton wheel) in a subprocess without TRITON_INTERPRET, prints a table and merges the
 records into bench/results/kernel_resources.json. Nothing is run on a GPU: these are compile-time facts, not timings.
 
@@ -26,7 +26,7 @@ def compile_records(arch: int) -> list[dict]:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = cache  # a fresh cache: every kernel is really compiled
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        result = subprocess.run([sys.executable, "-m", "fastsft.kernels.aot", "--arch", str(arch)], env=env,
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name("aot.py")), "--arch", str(arch)], env=env,
                                 capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"ahead-of-time compile failed:\n{result.stderr}")

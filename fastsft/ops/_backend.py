@@ -2,14 +2,18 @@
 
 FASTSFT_BACKEND=triton forces the kernels (tests set TRITON_INTERPRET=1 to run them on CPU tensors),
 FASTSFT_BACKEND=reference forces the references; unset (or "auto") uses the kernels for CUDA tensors only.
-Read at call time so tests can switch it with monkeypatch.
+Read at call time so tests can switch it with monkeypatch. The kernels are imported when the ops are (triton picks
+interpreter or compiler at decoration time, so TRITON_INTERPRET must be set before Python starts).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # a Linux-only dependency (pyproject)
 
 _CHOICES = ("auto", "triton", "reference")
 
@@ -25,6 +29,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels should run for these inputs."""
     choice = backend()
     if choice == "reference":
+        return False
+    if not HAS_TRITON:
+        if choice == "triton":
+            raise RuntimeError("FASTSFT_BACKEND=triton was asked for but triton is not installed (pip install triton, "
+                               "Linux only), or unset FASTSFT_BACKEND to use the PyTorch references")
         return False
     if choice == "triton":
         on_cpu = [t for t in tensors if isinstance(t, torch.Tensor) and not t.is_cuda]

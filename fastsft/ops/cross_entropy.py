@@ -45,7 +45,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastsft.ops._backend import use_triton
+from fastsft.ops._backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:  # a Linux-only dependency: without it every op runs its reference (see _backend)
+    from fastsft.kernels import cross_entropy as cross_entropy_kernels
+    from fastsft.kernels import linear_cross_entropy as linear_cross_entropy_kernels
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -177,10 +181,8 @@ def _cross_entropy_fwd(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: float, inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastsft.kernels import cross_entropy as kernels  # imported late: triton reads TRITON_INTERPRET at decoration
-
     losses, lse = _per_row(logits), _per_row(logits)
-    kernels.cross_entropy_rows(
+    cross_entropy_kernels.cross_entropy_rows(
         _as_rows(logits), labels, ignore_index, label_smoothing, z_loss, softcap, loss=losses, lse=lse
     )
     return losses, lse
@@ -196,10 +198,8 @@ def _cross_entropy_bwd(
     grad_losses: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ignore_index: int,
     label_smoothing: float, z_loss: float, softcap: float,
 ) -> torch.Tensor:
-    from fastsft.kernels import cross_entropy as kernels
-
     dlogits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-    kernels.cross_entropy_rows(
+    cross_entropy_kernels.cross_entropy_rows(
         _as_rows(logits), labels, ignore_index, label_smoothing, z_loss, softcap,
         lse=lse, grad=dlogits, row_scale=grad_losses,
     )
@@ -216,12 +216,10 @@ def _cross_entropy_bwd_inplace(
     grad_losses: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ignore_index: int,
     label_smoothing: float, z_loss: float, softcap: float,
 ) -> None:
-    from fastsft.kernels import cross_entropy as kernels
-
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError("fastsft::cross_entropy_bwd_inplace: logits must be 2-D with unit column stride, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
-    kernels.cross_entropy_rows(
+    cross_entropy_kernels.cross_entropy_rows(
         logits, labels, ignore_index, label_smoothing, z_loss, softcap, lse=lse, grad=logits, row_scale=grad_losses
     )
 
@@ -271,12 +269,10 @@ def _linear_cross_entropy_sum(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
     label_smoothing: float, z_loss: float, softcap: float, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastsft.kernels import linear_cross_entropy as kernels
-
     grad_bias = grad_bias and bias is not None
     losses, lse, hits = _per_row(hidden), _per_row(hidden), _per_row(hidden, torch.int32)
     dhidden, dweight, dbias = _grad_buffers(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
-    kernels.fused_forward(
+    linear_cross_entropy_kernels.fused_forward(
         hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, softcap, losses, lse, hits,
         dhidden if grad_hidden else None, dweight if grad_weight else None, dbias if grad_bias else None,
     )
@@ -320,10 +316,8 @@ def _linear_cross_entropy_rows(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
     label_smoothing: float, z_loss: float, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastsft.kernels import linear_cross_entropy as kernels
-
     losses, lse, hits = _per_row(hidden), _per_row(hidden), _per_row(hidden, torch.int32)
-    kernels.fused_forward(
+    linear_cross_entropy_kernels.fused_forward(
         hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, softcap, losses, lse, hits
     )
     return losses, lse, hits.sum(dtype=torch.int64)
@@ -340,11 +334,9 @@ def _linear_cross_entropy_rows_bwd(
     bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: float, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastsft.kernels import linear_cross_entropy as kernels
-
     grad_bias = grad_bias and bias is not None
     dhidden, dweight, dbias = _grad_buffers(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
-    kernels.fused_backward(
+    linear_cross_entropy_kernels.fused_backward(
         grad_losses, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, z_loss, softcap,
         dhidden if grad_hidden else None, dweight if grad_weight else None, dbias if grad_bias else None,
     )

@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastsft.ops._backend import use_triton
+from fastsft.ops._backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:  # a Linux-only dependency: without it every op runs its reference (see _backend)
+    from fastsft.kernels import rms_norm as rms_norm_kernels
 
 # ---------------------------------------------------------------------------------------------------------------
 # References (plain PyTorch, differentiated by autograd; also the ground truth the kernels are tested against)
@@ -66,10 +69,8 @@ def _rstd_like(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fastsft::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastsft.kernels import rms_norm as kernels  # imported late: triton reads TRITON_INTERPRET at decoration
-
     y, rstd = torch.empty(x.shape, device=x.device, dtype=x.dtype), _rstd_like(x)
-    kernels.rms_norm_fwd(_as_rows(x), None, weight, eps, offset, y.view(-1, x.shape[-1]), None, rstd.view(-1))
+    rms_norm_kernels.rms_norm_fwd(_as_rows(x), None, weight, eps, offset, y.view(-1, x.shape[-1]), None, rstd.view(-1))
     return y, rstd
 
 
@@ -82,13 +83,11 @@ def _(x, weight, eps, offset):
 def _add_rms_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastsft.kernels import rms_norm as kernels
-
     n = x.shape[-1]
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     s = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     rstd = _rstd_like(x)
-    kernels.rms_norm_fwd(
+    rms_norm_kernels.rms_norm_fwd(
         _as_rows(x), _as_rows(residual), weight, eps, offset, y.view(-1, n), s.view(-1, n), rstd.view(-1)
     )
     return y, s, rstd
@@ -104,10 +103,8 @@ def _rms_norm_bwd(
     dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
     dsum: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastsft.kernels import rms_norm as kernels
-
     ds = torch.empty(s.shape, device=s.device, dtype=s.dtype)
-    dweight = kernels.rms_norm_bwd(
+    dweight = rms_norm_kernels.rms_norm_bwd(
         _as_rows(dy), _as_rows(s), weight, rstd.reshape(-1), offset,
         None if dsum is None else _as_rows(dsum), ds.view(-1, s.shape[-1]),
     )

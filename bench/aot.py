@@ -1,6 +1,7 @@
 """Compile the package's Triton kernels ahead of time for a GPU that is not here (default: H100/H200, sm_90).
 
-Used by tests/test_kernels_compile.py and bench/kernel_resources.py; not by training. The kernels are only ever *run*
+A build-time tool beside the benchmarks (not shipped in the package): used by tests/test_kernels_compile.py and
+bench/kernel_resources.py, never by training. The kernels are only ever *run*
 on CPU under the Triton interpreter in CI, which hides everything a real compile would reject (unsupported constructs,
 loop-carried type changes, register spills). This module closes that gap without a device:
 
@@ -13,7 +14,7 @@ loop-carried type changes, register spills). This module closes that gap without
     3. `cubin_resources` reads registers, local memory (spills) and shared memory from the cubin with cuobjdump.
 
 Triton decides at decoration time whether @triton.jit builds an interpreter object, so this must run in a process
-where TRITON_INTERPRET is not "1" (the test runs `python -m fastsft.kernels.aot` in a subprocess).
+where TRITON_INTERPRET is not "1" (the test runs `python bench/aot.py` in a subprocess).
 Relies on triton 3.9 internals (`create_function_from_signature`, `JITFunction._pack_args`); pinned by the test.
 """
 
@@ -30,8 +31,8 @@ import tempfile
 from dataclasses import dataclass
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    raise RuntimeError("fastsft.kernels.aot compiles real kernels: run it in a process without TRITON_INTERPRET=1 "
-                       "(e.g. `env -u TRITON_INTERPRET python -m fastsft.kernels.aot`)")
+    raise RuntimeError("bench/aot.py compiles real kernels: run it in a process without TRITON_INTERPRET=1 "
+                       "(e.g. `env -u TRITON_INTERPRET python bench/aot.py`)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -39,6 +40,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+import fastsft.ops  # noqa: E402, F401  registers torch.ops.fastsft.*
 from fastsft.kernels import cross_entropy as ce_kernels  # noqa: E402
 from fastsft.kernels import rms_norm as rms_kernels  # noqa: E402
 
@@ -97,8 +99,6 @@ def _recording(sink: list, label: list):
 
 def _cross_entropy_calls(dtype: torch.dtype, options: tuple[float, float, float]):
     """(op name, thunk) for every custom op that reaches the cross-entropy kernel."""
-    import fastsft.ops.cross_entropy  # noqa: F401  registers torch.ops.fastsft.*
-
     ops = torch.ops.fastsft
     logits = torch.empty(CE_ROWS, VOCAB, dtype=dtype)
     labels = torch.randint(0, VOCAB, (CE_ROWS,))
@@ -123,8 +123,6 @@ def _cross_entropy_calls(dtype: torch.dtype, options: tuple[float, float, float]
 
 
 def _rms_norm_calls(dtype: torch.dtype, hidden_size: int):
-    import fastsft.ops.rms_norm  # noqa: F401  registers torch.ops.fastsft.*
-
     ops = torch.ops.fastsft
     x = torch.empty(RMS_ROWS, hidden_size, dtype=dtype)
     weight = torch.empty(hidden_size, dtype=dtype)
