@@ -147,6 +147,26 @@ def test_save_to_disk_folders_match_jsonl(records, reference, tmp_path):
     assert shard_bytes(tmp_path / "dd_out") == reference
 
 
+def test_arrow_files_match_jsonl(records, reference, tmp_path, monkeypatch):
+    """Standalone .arrow files in both IPC formats (stream, as `datasets` writes; random-access file), with batches
+    larger than the reader's, so they are sliced."""
+    import pyarrow as pa
+
+    from fastsft.data import sources
+
+    monkeypatch.setattr(sources, "BATCH_ROWS", 10)
+    table = pa.table(as_columns(records))
+    for i, new in enumerate((pa.ipc.new_stream, pa.ipc.new_file)):
+        path = tmp_path / f"r{i}.arrow"
+        with new(str(path), table.schema) as writer:
+            writer.write_table(table, max_chunksize=25)
+        prepare(path, tmp_path / f"out{i}", val_fraction=0.2)
+        assert shard_bytes(tmp_path / f"out{i}") == reference, new.__name__
+    (tmp_path / "junk.arrow").write_bytes(b"ARROW1 but not really")
+    with pytest.raises(DataError, match=r"junk\.arrow: not a readable Arrow file"):
+        prepare(tmp_path / "junk.arrow", tmp_path / "junk_out")
+
+
 def test_column_mapping(tmp_path):
     rng = random.Random(5)
     conversations = conversation_records(rng, 20)

@@ -385,17 +385,23 @@ def _iter_arrow(source: SourceFile):
     import pyarrow as pa
 
     try:
-        with pa.OSFile(str(source.path)) as f:
-            magic = f.read(6)
         stream = pa.OSFile(str(source.path))
-        if magic == b"ARROW1":
-            reader = pa.ipc.open_file(stream)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        else:
-            batches = pa.ipc.open_stream(stream)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"not a readable Arrow file ({e})", source.path) from None
-    yield from _iter_batches(source, _sliced(batches), None)
+        raise DataError(f"cannot open ({e})", source.path) from None
+    try:
+        try:
+            random_access = stream.read(6) == b"ARROW1"
+            stream.seek(0)
+            if random_access:
+                reader = pa.ipc.open_file(stream)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                batches = pa.ipc.open_stream(stream)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"not a readable Arrow file ({e})", source.path) from None
+        yield from _iter_batches(source, _sliced(batches), None)
+    finally:
+        stream.close()
 
 
 def _sliced(batches):
