@@ -120,6 +120,7 @@ def test_parquet_file_and_hub_folder_match_jsonl(records, reference, tmp_path):
     write_parquet(hub / "data" / "train-00001-of-00002.parquet", records[25:])
     write_parquet(hub / "data" / "test-00000-of-00001.parquet", records[:3])
     (hub / "README.md").write_text("# card")
+    (hub / "dataset_infos.json").write_text('{"default": {}}')
     (hub / ".cache").mkdir()
     write_parquet(hub / ".cache" / "train-stale.parquet", records[:5])
     with pytest.raises(DataError, match=r"hub: the folder holds the splits test, train: choose one with --split"):

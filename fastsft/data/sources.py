@@ -44,6 +44,8 @@ READ_BYTES = 1 << 20  # text read per step of the .json list walker
 COLUMN_TARGETS = ("messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion",
                   "text")
 KNOWN_SPLITS = ("train", "test", "validation", "valid", "val", "dev", "eval")
+# JSON files of a dataset folder that describe it rather than hold records.
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def _hub_folder_sources(folder: Path, split: str | None) -> list[SourceFile]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .cache/.git/.huggingface
         for name in sorted(filenames):
             kind = file_kind(name)
-            if kind is not None and not name.startswith("."):
+            if kind is not None and not name.startswith(".") and name not in METADATA_FILES:
                 found.append(SourceFile(Path(dirpath) / name, *kind))
     if not found:
         raise DataError("no .jsonl, .json(.gz), .parquet or .arrow files in this folder", folder)
