@@ -32,7 +32,7 @@ from transformers import (
 )
 
 import fastsft
-from fastsft.data.formats import read_documents
+from fastsft.data.sources import read_documents
 from fastsft.data.tokenizer import load_tokenizer
 from fastsft.integrations.transformers import apply as apply_fastsft
 

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from fastsft.data.formats import DataError, detect_file_format, read_documents
+from fastsft.data.formats import DataError
+from fastsft.data.sources import detect_file_format, read_documents
 
 WORDS = ["alpha", "beta", "gamma", "delta", "héllo", "wörld", "数据", "x+y=z", "line\nbreak", "tab\there", "quote\""]
 

@@ -8,9 +8,10 @@ import random
 import numpy as np
 import pytest
 
-from fastsft.data.formats import DataError, read_documents
+from fastsft.data.formats import DataError
 from fastsft.data.prepare import prepare_cached, prepare_dataset
 from fastsft.data.shards import open_shards
+from fastsft.data.sources import read_documents
 from fastsft.data.tokenizer import ByteTokenizer, load_tokenizer
 
 WORDS = ["sort", "the", "letters", "héllo", "数据", "fox", "12+7", "reverse", "word", "line\nbreak"]

@@ -12,13 +12,12 @@ Formats (detected per file from its first parseable record unless given):
   prompt-completion  {"prompt", "completion", "system"?}
   text               {"text"}
 
-Files are read by `fastsft.data.sources` (.jsonl, .json, gzip, parquet, `datasets` folders), record by record.
+Files are read by `fastsft.data.sources` (.jsonl, .json, gzip, parquet, `datasets` folders), record by record; it
+also has `read_documents` (a file's documents) and `detect_file_format`.
 Every problem is a `DataError` naming the file, the line (and the record index for .json) and the field.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -69,13 +68,6 @@ def detect_format(record: dict) -> str | None:
         if all(k in record for k in keys):
             return name
     return None
-
-
-def detect_file_format(path) -> str:
-    """The format of a file, from its first record with a known format's keys (see `sources.detect_source_format`)."""
-    from fastsft.data.sources import detect_source_format
-
-    return detect_source_format(path)
 
 
 # ---------------------------------------------------------------------------------------------- normalizing
@@ -159,16 +151,3 @@ def _json_type(value) -> str:
         return "null"
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
             float: "a number"}.get(type(value), type(value).__name__)
-
-
-def read_documents(path, fmt: str = "auto") -> Iterator[tuple[int, int | None, list | str]]:
-    """Every document of a file as (line, record_index, document); the first bad record raises its DataError.
-
-    Convenience for small files and tests; `fastsft prepare` streams raw records to its workers instead.
-    """
-    from fastsft.data.sources import iter_raw_records, load_record
-
-    fmt = detect_file_format(path) if fmt == "auto" else fmt
-    for line, record_index, payload, _ in iter_raw_records(path):
-        record = load_record(payload, path, line, record_index)
-        yield line, record_index, normalize_record(record, fmt, path, line, record_index)

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsft.data.formats import _DETECT_KEYS, DataError, _json_type, detect_format
+from fastsft.data.formats import _DETECT_KEYS, DataError, _json_type, detect_format, normalize_record
 
 KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 BATCH_ROWS = 1024  # rows per parquet/arrow batch: large enough for pyarrow's speed, small enough to bound memory
@@ -530,3 +530,19 @@ def surrogate_field(value, field: str = "") -> str | None:
         if found:
             return found
     return None
+
+
+def detect_file_format(path) -> str:
+    """The format of one file (see `detect_source_format`)."""
+    return detect_source_format(path)
+
+
+def read_documents(path, fmt: str = "auto") -> Iterator[tuple[int | None, int | None, list | str]]:
+    """Every document of a file as (line, record_index, document); the first bad record raises its DataError.
+
+    Convenience for small files and tests; `fastsft prepare` streams raw records to its workers instead.
+    """
+    fmt = detect_file_format(path) if fmt == "auto" else fmt
+    for line, record_index, payload, _ in iter_raw_records(path):
+        record = load_record(payload, path, line, record_index)
+        yield line, record_index, normalize_record(record, fmt, path, line, record_index)
