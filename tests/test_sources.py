@@ -110,6 +110,20 @@ def test_compressed_and_list_files_match_jsonl(records, reference, tmp_path):
         assert shard_bytes(tmp_path / f"out{i}") == reference, path.name
 
 
+def test_corrupt_gzip_is_located(tmp_path):
+    records = [{"text": f"record {i} " * 20} for i in range(2000)]
+    whole = gzip.compress(write_jsonl(tmp_path / "x.jsonl", records).read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: the gzip stream is corrupt or truncated .* after line \d+"):
+        prepare(tmp_path / "cut.jsonl.gz", tmp_path / "out")
+    (tmp_path / "cut.json.gz").write_bytes(gzip.compress(json.dumps(records).encode())[:2000])
+    with pytest.raises(DataError, match=r"cut\.json\.gz: the gzip stream is corrupt or truncated"):
+        prepare(tmp_path / "cut.json.gz", tmp_path / "out")
+    (tmp_path / "plain.jsonl.gz").write_bytes(b'{"text": "not compressed"}\n')
+    with pytest.raises(DataError, match=r"plain\.jsonl\.gz: the gzip stream is corrupt or truncated"):
+        prepare(tmp_path / "plain.jsonl.gz", tmp_path / "out")
+
+
 def test_parquet_file_and_hub_folder_match_jsonl(records, reference, tmp_path):
     prepare(write_parquet(tmp_path / "r.parquet", records), tmp_path / "out", val_fraction=0.2)
     assert shard_bytes(tmp_path / "out") == reference
@@ -127,6 +141,8 @@ def test_parquet_file_and_hub_folder_match_jsonl(records, reference, tmp_path):
         prepare(hub, tmp_path / "nope")
     with pytest.raises(DataError, match=r"--split dev: no file of this split in the folder \(it has test, train\)"):
         prepare(hub, tmp_path / "nope", split="dev")
+    with pytest.raises(ValueError, match=r"--split train: chooses a split of a folder, but --data .*r\.parquet is a file"):
+        prepare([hub, tmp_path / "r.parquet"], tmp_path / "nope", split="train")
     prepare(hub, tmp_path / "hub_out", split="train", val_fraction=0.2)
     assert shard_bytes(tmp_path / "hub_out") == reference
 

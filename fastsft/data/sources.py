@@ -80,6 +80,9 @@ def resolve_sources(paths, split: str | None = None) -> list[SourceFile]:
         if path.is_dir():
             sources.extend(_folder_sources(path, split))
         elif path.is_file():
+            if split is not None:
+                raise ValueError(f"--split {split}: chooses a split of a folder, but --data {path} is a file; drop "
+                                 "--split or give the folder")
             kind = file_kind(path)
             if kind is None:
                 raise DataError("unsupported file type: use .jsonl, .json (optionally .gz), .parquet, .arrow, or a "
