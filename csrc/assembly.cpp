@@ -1,5 +1,6 @@
-// Batch assembly: plan rows -> the batch contract's buffers (fastsft/data/batch.py), straight from the memory-mapped
-// shards. Memory-bound by design: a few tight, vectorizable loops per document, no allocation per row.
+// Batch assembly: plan rows -> the batch contract's buffers (fastsft/data/batch.py). Each document's kept tokens and
+// mask come in with two pread calls into scratch buffers (no memory map: a shard truncated in place is a
+// ShardReadError, not a SIGBUS), then a few tight, vectorizable loops write the row; no allocation per row.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -59,29 +60,12 @@ int64_t fill_document(const Token* __restrict__ tokens, const uint8_t* __restric
   return compact_supervised(mask, 1, length, pos, loss_pos);
 }
 
-constexpr int64_t kPrefetchRows = 2;  // rows of input requested ahead of the one being written
-
-inline void prefetch_bytes(const uint8_t* begin, int64_t bytes) {
-#if defined(__GNUC__)
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(begin + off, 0, 3);
-#endif
-}
-
-// A row's input is scattered over the shards in short documents (a few hundred tokens), too short for the hardware
-// prefetcher to ramp up in: request the input of the rows ahead while this row is written. On a 200k-document
-// corpus (81M tokens, seq_len 4096) a later same-process A/B (with and without the prefetch, output checked equal)
-// measured no difference on the 2-core dev VM (1.00-1.02x); kept because it costs nothing there and may help where
-// page-table walks are cheaper than in a VM. Unverified on bare metal.
-void prefetch_row(const Corpus& corpus, const int64_t* row_ptr, const int64_t* row_docs, const int64_t* eff_len,
-                  int64_t row) {
-  for (int64_t k = row_ptr[row]; k < row_ptr[row + 1]; ++k) {
-    const int64_t doc = row_docs[k];
-    auto [shard, local] = corpus.locate(doc);
-    const ShardView& view = corpus.shards[shard];
-    const int64_t start = view.offsets[local];
-    prefetch_bytes(view.tokens + start * view.itemsize, eff_len[doc] * view.itemsize);
-    prefetch_bytes(view.mask + start, eff_len[doc]);
-  }
+// Largest token id of a document (vectorizes): the per-document vocabulary check before the ids reach the model.
+template <typename Token>
+int64_t max_token(const Token* __restrict__ tokens, int64_t length) {
+  Token best = 0;
+  for (int64_t t = 0; t < length; ++t) best = std::max(best, tokens[t]);
+  return static_cast<int64_t>(best);
 }
 
 void validate_row(const Corpus& corpus, const int64_t* row_ptr, int64_t num_plan_rows, int64_t num_row_docs,
@@ -116,12 +100,10 @@ void assemble_rows(const Corpus& corpus, const int64_t* row_ptr, int64_t num_pla
   }
   const int64_t S = out.seq_len, cu_len = out.max_docs + 2;
   std::vector<int32_t> loss_scratch(S + 1);
-  for (int64_t i = 0; i < std::min<int64_t>(num_rows, kPrefetchRows); ++i) {
-    prefetch_row(corpus, row_ptr, row_docs, eff_len, rows[i]);
-  }
+  std::vector<uint32_t> token_scratch(S);  // room for S ids of either width
+  std::vector<uint8_t> mask_scratch(S);
   for (int64_t i = 0; i < num_rows; ++i) {
     const int64_t row = rows[i];
-    if (i + kPrefetchRows < num_rows) prefetch_row(corpus, row_ptr, row_docs, eff_len, rows[i + kPrefetchRows]);
     int64_t* input_ids = out.input_ids + i * S;
     int32_t* position_ids = out.position_ids + i * S;
     int64_t* labels = out.labels + i * S;
@@ -135,14 +117,26 @@ void assemble_rows(const Corpus& corpus, const int64_t* row_ptr, int64_t num_pla
       auto [shard, local] = corpus.locate(doc);
       const ShardView& view = corpus.shards[shard];
       const int64_t start = view.offsets[local], length = eff_len[doc];
-      const uint8_t* mask = view.mask + start;
-      int64_t written;
+      read_exact(view, token_scratch.data(), length * view.itemsize, view.tokens_start + start * view.itemsize);
+      read_exact(view, mask_scratch.data(), length, view.mask_start + start);
+      const uint8_t* mask = mask_scratch.data();
+      int64_t written, largest;
       if (view.itemsize == 2) {
-        written = fill_document(reinterpret_cast<const uint16_t*>(view.tokens) + start, mask, length, pos, input_ids,
-                                position_ids, labels, loss_scratch.data() + num_loss);
+        const uint16_t* tokens = reinterpret_cast<const uint16_t*>(token_scratch.data());
+        largest = max_token(tokens, length);
+        written = fill_document(tokens, mask, length, pos, input_ids, position_ids, labels,
+                                loss_scratch.data() + num_loss);
       } else {
-        written = fill_document(reinterpret_cast<const uint32_t*>(view.tokens) + start, mask, length, pos, input_ids,
-                                position_ids, labels, loss_scratch.data() + num_loss);
+        const uint32_t* tokens = token_scratch.data();
+        largest = max_token(tokens, length);
+        written = fill_document(tokens, mask, length, pos, input_ids, position_ids, labels,
+                                loss_scratch.data() + num_loss);
+      }
+      if (out.vocab_size > 0 && largest >= out.vocab_size) {
+        throw ShardReadError(view.path + ": document " + std::to_string(local) + " holds token id " +
+                             std::to_string(largest) + ", outside the vocabulary of " +
+                             std::to_string(out.vocab_size) + ": the shard is corrupt (changed since it was " +
+                             "verified?); re-run `fastsft prepare` or restore the file");
       }
       num_loss += written;
       pos += length;

@@ -42,33 +42,33 @@ void check_array(const py::array& a, const std::string& name, bool dtype_ok, con
   }
 }
 
-// The shards of a dataset, kept alive (the arrays view memory maps) and indexed globally.
+// The shards of a dataset (fastsft.data.shards.ShardFile objects, kept alive: they own the file descriptors and the
+// in-memory offsets), indexed globally.
 class PyCorpus {
  public:
-  PyCorpus(const py::list& tokens, const py::list& masks, const py::list& offsets) {
-    if (tokens.size() != masks.size() || tokens.size() != offsets.size()) {
-      throw std::invalid_argument("Corpus: tokens, masks and offsets lists differ in length");
-    }
+  explicit PyCorpus(const py::list& shards) {
     corpus_.doc_starts.push_back(0);
-    for (size_t f = 0; f < tokens.size(); ++f) {
-      py::array tok = tokens[f], mask = masks[f], off = offsets[f];
+    for (size_t f = 0; f < shards.size(); ++f) {
+      py::object shard = shards[f];
       const std::string where = "Corpus shard " + std::to_string(f);
-      const bool tok_ok = has_dtype<uint16_t>(tok) || has_dtype<uint32_t>(tok);
-      check_array(tok, where + " tokens", tok_ok, "uint16 or uint32", {-1}, false);
-      check_array(mask, where + " mask", has_dtype<uint8_t>(mask), "uint8", {tok.shape(0)}, false);
+      py::array off = shard.attr("offsets");
       check_array(off, where + " offsets", has_dtype<int64_t>(off), "int64", {-1}, false);
       if (off.shape(0) < 1) throw std::invalid_argument(where + " offsets: empty");
       const int64_t* o = static_cast<const int64_t*>(off.data());
       const int64_t num_docs = off.shape(0) - 1;
-      if (o[0] != 0 || o[num_docs] != tok.shape(0)) throw std::invalid_argument(where + " offsets: bad bounds");
+      const int64_t num_tokens = shard.attr("num_tokens").cast<int64_t>();
+      const int itemsize = shard.attr("itemsize").cast<int>();
+      if (itemsize != 2 && itemsize != 4) throw std::invalid_argument(where + ": itemsize must be 2 or 4");
+      if (o[0] != 0 || o[num_docs] != num_tokens) throw std::invalid_argument(where + " offsets: bad bounds");
       for (int64_t i = 0; i < num_docs; ++i) {
         if (o[i + 1] < o[i]) throw std::invalid_argument(where + " offsets: decreasing");
       }
-      corpus_.shards.push_back(ShardView{static_cast<const uint8_t*>(tok.data()), static_cast<int>(tok.itemsize()),
-                                         static_cast<const uint8_t*>(mask.data()), o, num_docs, tok.shape(0)});
+      py::dict layout = shard.attr("layout");
+      corpus_.shards.push_back(ShardView{shard.attr("fd").cast<int>(), itemsize,
+                                         layout["tokens_start"].cast<int64_t>(), layout["mask_start"].cast<int64_t>(),
+                                         o, num_docs, num_tokens, shard.attr("path").cast<std::string>()});
       corpus_.doc_starts.push_back(corpus_.doc_starts.back() + num_docs);
-      keep_alive_.append(tok);
-      keep_alive_.append(mask);
+      keep_alive_.append(shard);
       keep_alive_.append(off);
     }
   }
@@ -121,7 +121,8 @@ py::tuple plan_epoch(const py::array& eff_len, const py::array& supervised, int6
 
 void assemble_rows(const PyCorpus& corpus, const py::array& row_ptr, const py::array& row_docs,
                    const py::array& eff_len, const py::array& rows, py::array input_ids, py::array position_ids,
-                   py::array labels, py::array cu_seqlens, py::array loss_positions, py::array counts) {
+                   py::array labels, py::array cu_seqlens, py::array loss_positions, py::array counts,
+                   int64_t vocab_size) {
   check_array(row_ptr, "row_ptr", has_dtype<int64_t>(row_ptr), "int64", {-1}, false);
   check_array(row_docs, "row_docs", has_dtype<int64_t>(row_docs), "int64", {-1}, false);
   check_array(eff_len, "eff_len", has_dtype<int64_t>(eff_len), "int64", {corpus.num_docs()}, false);
@@ -145,7 +146,8 @@ void assemble_rows(const PyCorpus& corpus, const py::array& row_ptr, const py::a
                    static_cast<int64_t*>(counts.mutable_data()),
                    S,
                    cu_seqlens.shape(1) - 2,
-                   loss_positions.shape(1)};
+                   loss_positions.shape(1),
+                   vocab_size};
   const int64_t* rp = static_cast<const int64_t*>(row_ptr.data());
   const int64_t* rd = static_cast<const int64_t*>(row_docs.data());
   const int64_t* e = static_cast<const int64_t*>(eff_len.data());
@@ -159,18 +161,19 @@ void assemble_rows(const PyCorpus& corpus, const py::array& row_ptr, const py::a
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastsft C++ extension: the packing loader (plan an epoch, assemble batches); numpy buffers, no libtorch";
+  m.attr("API_VERSION") = 2;  // fastsft/data/loader.py refuses a stale build (rebuild: pip install -e .)
+  py::register_exception<fastsft::ShardReadError>(m, "ShardReadError", PyExc_OSError);
   py::class_<PyCorpus>(m, "Corpus")
-      .def(py::init<const py::list&, const py::list&, const py::list&>(), py::arg("tokens"), py::arg("masks"),
-           py::arg("offsets"),
-           "Shards as lists of numpy arrays: tokens (uint16/uint32), loss masks (uint8), offsets (int64, docs + 1).")
+      .def(py::init<const py::list&>(), py::arg("shards"),
+           "Shards as a list of fastsft.data.shards.ShardFile (fd, itemsize, layout, offsets, num_tokens, path).")
       .def_property_readonly("num_docs", &PyCorpus::num_docs)
       .def("effective_lengths", &PyCorpus::effective_lengths, py::arg("seq_len"), py::arg("loss_bucket"),
-           py::arg("drop_long"), "(eff_len, supervised) int64 arrays; loss_bucket < 0: no loss bucket.");
+           py::arg("drop_long"), "(eff_len, supervised) int64 arrays; loss_bucket < 0: no loss bucket (no cap).");
   m.def("plan_epoch", &plan_epoch, py::arg("eff_len"), py::arg("supervised"), py::arg("seq_len"), py::arg("max_docs"),
         py::arg("loss_budget"), py::arg("window"), py::arg("seed"), py::arg("epoch"), py::arg("world_size"),
         py::arg("drop_last"), "(row_ptr, row_docs) int64 arrays: every rank's rows of one epoch.");
   m.def("assemble_rows", &assemble_rows, py::arg("corpus"), py::arg("row_ptr"), py::arg("row_docs"),
         py::arg("eff_len"), py::arg("rows"), py::arg("input_ids"), py::arg("position_ids"), py::arg("labels"),
-        py::arg("cu_seqlens"), py::arg("loss_positions"), py::arg("counts"),
+        py::arg("cu_seqlens"), py::arg("loss_positions"), py::arg("counts"), py::arg("vocab_size") = 0,
         "Fill row i of every buffer with plan row rows[i] (batch contract of fastsft/data/batch.py).");
 }

@@ -1,7 +1,11 @@
 // The plan of an epoch: effective lengths (truncate / drop / loss-bucket cap), seeded document permutation,
 // best-fit-decreasing per shuffle window with a balanced multiset of open bins (O(n log n)), seeded row shuffle,
 // rank balancing. Specified step by step in fastsft/data/packing_ref.py, which produces the identical plan.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <numeric>
 #include <set>
 #include <stdexcept>
@@ -17,28 +21,59 @@ std::pair<int, int64_t> Corpus::locate(int64_t doc) const {
   return {shard, doc - doc_starts[shard]};
 }
 
+void read_exact(const ShardView& shard, void* dst, int64_t nbytes, int64_t offset) {
+  uint8_t* out = static_cast<uint8_t*>(dst);
+  int64_t done = 0;
+  while (done < nbytes) {
+    const ssize_t got = ::pread(shard.fd, out + done, static_cast<size_t>(nbytes - done), offset + done);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      throw ShardReadError(shard.path + ": read failed at offset " + std::to_string(offset + done) + " (" +
+                           std::strerror(errno) + ")");
+    }
+    if (got == 0) {
+      throw ShardReadError(shard.path + ": read " + std::to_string(done) + " of " + std::to_string(nbytes) +
+                           " bytes at offset " + std::to_string(offset) +
+                           ": the file was truncated or replaced in place while in use; restore it or re-run "
+                           "`fastsft prepare`, then resume");
+    }
+    done += got;
+  }
+}
+
+namespace {
+constexpr int64_t kMaskChunk = int64_t{1} << 22;  // mask bytes read per call while scanning lengths
+}  // namespace
+
 void effective_lengths(const Corpus& corpus, int64_t seq_len, int64_t loss_bucket, bool drop_long, int64_t* eff_len,
                        int64_t* supervised) {
+  std::vector<uint8_t> buffer;
   for (size_t f = 0; f < corpus.shards.size(); ++f) {
     const ShardView& shard = corpus.shards[f];
+    int64_t buf_begin = 0, buf_end = 0;  // token range of the shard's mask held in `buffer`
     for (int64_t i = 0; i < shard.num_docs; ++i) {
       const int64_t doc = corpus.doc_starts[f] + i;
       const int64_t start = shard.offsets[i];
       const int64_t length = shard.offsets[i + 1] - start;
       int64_t eff = std::min(length, seq_len);
       bool cut = length > seq_len;
+      if (start < buf_begin || start + eff > buf_end) {  // refill: this document's kept prefix and what follows
+        buf_begin = start;
+        buf_end = std::min(shard.num_tokens, start + std::max(eff, kMaskChunk));
+        buffer.resize(static_cast<size_t>(buf_end - buf_begin));
+        read_exact(shard, buffer.data(), buf_end - buf_begin, shard.mask_start + buf_begin);
+      }
+      // Supervised positions are t with mask[t + 1]; with a bucket B, stop at the (B+1)-th: the prefix before it
+      // holds exactly B.
+      const uint8_t* mask = buffer.data() + (start - buf_begin);
       int64_t sup = 0;
-      if (loss_bucket >= 0) {
-        // Supervised positions are t with mask[t + 1]; stop at the (B+1)-th: the prefix before it holds exactly B.
-        const uint8_t* mask = shard.mask + start;
-        for (int64_t t = 1; t < eff; ++t) {
-          sup += mask[t] != 0;
-          if (sup > loss_bucket) {
-            eff = t;
-            sup = loss_bucket;
-            cut = true;
-            break;
-          }
+      for (int64_t t = 1; t < eff; ++t) {
+        sup += mask[t] != 0;
+        if (loss_bucket >= 0 && sup > loss_bucket) {
+          eff = t;
+          sup = loss_bucket;
+          cut = true;
+          break;
         }
       }
       if (drop_long && cut) {

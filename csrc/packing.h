@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace fastsft {
@@ -43,15 +45,26 @@ void shuffle_in_place(std::vector<T>& items, SplitMix64& rng) {
   }
 }
 
-// One memory-mapped shard file, as validated by fastsft/data/shards.py.
+// One shard file, as validated by fastsft/data/shards.py, read with pread (never memory-mapped: a file truncated in
+// place while open must give an error naming it, not a SIGBUS). The file descriptor stays owned by Python.
 struct ShardView {
-  const uint8_t* tokens;  // num_tokens items of `itemsize` bytes (2: uint16, 4: uint32)
-  int itemsize;
-  const uint8_t* mask;     // num_tokens bytes, 0/1
-  const int64_t* offsets;  // num_docs + 1
+  int fd;
+  int itemsize;              // token bytes: 2 (uint16) or 4 (uint32)
+  int64_t tokens_start;      // file offset of token 0
+  int64_t mask_start;        // file offset of mask byte 0
+  const int64_t* offsets;    // num_docs + 1, in memory
   int64_t num_docs;
   int64_t num_tokens;
+  std::string path;
 };
+
+// A read that came back short or failed: the message names the file (bindings.cpp maps it to a Python error).
+struct ShardReadError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Reads exactly `nbytes` at file offset `offset` of `shard` into `dst`, or throws ShardReadError.
+void read_exact(const ShardView& shard, void* dst, int64_t nbytes, int64_t offset);
 
 // Documents of several shards, indexed globally.
 struct Corpus {
@@ -79,7 +92,8 @@ struct Plan {
   std::vector<int64_t> row_docs;  // document ids, row after row
 };
 
-// eff_len / supervised: outputs of size corpus.num_docs(). loss_bucket < 0: none.
+// eff_len / supervised: outputs of size corpus.num_docs(). supervised counts positions t < eff_len - 1 whose next
+// token carries loss, with or without a bucket; loss_bucket < 0: no bucket (no cap).
 void effective_lengths(const Corpus& corpus, int64_t seq_len, int64_t loss_bucket, bool drop_long, int64_t* eff_len,
                        int64_t* supervised);
 
@@ -95,10 +109,12 @@ struct BatchBuffers {
   int64_t seq_len;
   int64_t max_docs;
   int64_t bucket;
+  int64_t vocab_size;  // > 0: a token id >= vocab_size throws ShardReadError naming the file and document
 };
 
 // Fills buffer row i with plan row rows[i]. Validates every row first (ids in range, lengths, capacity) and throws
-// std::invalid_argument before writing anything if the plan does not fit the buffers.
+// std::invalid_argument before writing anything if the plan does not fit the buffers; a failed read or an id outside
+// the vocabulary throws ShardReadError.
 void assemble_rows(const Corpus& corpus, const int64_t* row_ptr, int64_t num_plan_rows, const int64_t* row_docs,
                    int64_t num_row_docs, const int64_t* eff_len, const int64_t* rows, int64_t num_rows,
                    const BatchBuffers& out);

@@ -175,12 +175,50 @@ def test_corrupt_offsets_index_caught_without_verify(one_shard):
     expect_error(one_shard, "offsets index")
 
 
-def test_flipped_payload_byte_caught_by_verify(one_shard):
+def test_flipped_payload_byte_caught_by_default(one_shard):
     data = bytearray(one_shard.read_bytes())
     data[len(data) - 5] ^= 0x01  # a loss-mask byte: structurally fine, only the checksum can see it
     one_shard.write_bytes(bytes(data))
-    open_shards(one_shard)  # the cheap open accepts it...
-    expect_error(one_shard, "corrupt payload", verify=True)  # ...the crc does not
+    open_shards(one_shard, verify=False)  # the header-only open accepts it...
+    expect_error(one_shard, "corrupt payload")  # ...the default open verifies the payload
+
+
+@pytest.mark.parametrize("where", ["token_high_byte", "token_low_byte", "mask", "offset_low_byte"])
+def test_every_single_byte_flip_is_caught_by_default(tmp_path, where):
+    """The fault campaign's cases (issue 14 item 3): a flipped token byte (high: an id past the vocabulary; low: a
+    wrong but valid id), a flipped mask byte, a flipped offset byte, header untouched. All trained before."""
+    rng = np.random.default_rng()
+    docs = random_documents(rng, 20, 1000)
+    path = tmp_path / write_documents(tmp_path, docs, 1000)["files"][0]
+    num_docs, num_tokens = len(docs), sum(t.size for t, _ in docs)
+    tokens_start = HEADER_SIZE + 8 * (num_docs + 1)
+    k = int(rng.integers(0, num_tokens))
+    at = {
+        "token_high_byte": (tokens_start + 2 * k + 1, 0x80),
+        "token_low_byte": (tokens_start + 2 * k, 0x01),
+        "mask": (path.stat().st_size - num_tokens + k, 0x01),
+        "offset_low_byte": (HEADER_SIZE + 8 * int(rng.integers(1, num_docs)), 0x01),
+    }[where]
+    data = bytearray(path.read_bytes())
+    data[at[0]] ^= at[1]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="corrupt") as info:
+        open_shards(path, vocab_size=1000)
+    assert str(path) in str(info.value)
+
+
+def test_payload_disagreeing_with_a_matching_crc_header(tmp_path):
+    """A writer bug (crc computed over the wrong bytes) is still caught: the header's counts are re-derived."""
+    summary = write_documents(tmp_path, [(np.array([5, 7, 9]), np.array([0, 1, 1]))], 1000)
+    path = tmp_path / summary["files"][0]
+    data = bytearray(path.read_bytes())
+    fields = list(struct.unpack(HEADER_FORMAT, bytes(data[:HEADER_SIZE])))
+    data[HEADER_SIZE + 16 + 2 * 2] = 200  # token 9 -> 200 (low byte), then make the crc match the new payload
+    fields[8] = zlib.crc32(bytes(data[HEADER_SIZE:]))
+    head = struct.pack(HEADER_FORMAT, *fields)
+    data[:HEADER_SIZE] = head[:HEADER_CRC_SPAN] + struct.pack("<I", zlib.crc32(head[:HEADER_CRC_SPAN]))
+    path.write_bytes(bytes(data))
+    expect_error(path, r"payload disagrees with its header \(largest token id 200 vs 9")
 
 
 def test_out_of_vocab_ids(tmp_path):

@@ -22,7 +22,7 @@ import torch
 
 from fastsft.data import packing_ref
 from fastsft.data.batch import Batch
-from fastsft.data.shards import ShardDataset, open_shards
+from fastsft.data.shards import ShardDataset, ShardError, open_shards
 from fastsft.data.virtual_tokens import insert_virtual_tokens
 
 # Documents per shuffle window. With max_docs = seq_len // 32, bench/bench_loader.py measured 99.93% packing at
@@ -32,20 +32,28 @@ ROWS_PER_CALL = 4  # rows assembled per C++ call: amortizes the call, keeps pref
 BACKENDS = ("cpp", "numpy")
 _QUEUE_POLL_S = 0.05
 _STATE_VERSION = 1
+_CPP_API_VERSION = 2  # csrc/bindings.cpp API_VERSION
+_MAX_EPOCH = (1 << 32) - 1  # the plan's RNG takes the epoch as a uint64; no run comes near this
 
 
 class _CppBackend:
-    def __init__(self, dataset: ShardDataset):
+    def __init__(self, dataset: ShardDataset, vocab_size: int | None):
         from fastsft import _C
 
+        if getattr(_C, "API_VERSION", 1) != _CPP_API_VERSION:
+            raise RuntimeError(f"{_C.__file__}: a stale build of the C++ loader (API {getattr(_C, 'API_VERSION', 1)}, "
+                               f"this fastsft needs {_CPP_API_VERSION}); rebuild it: pip install -e . "
+                               "(or python3 setup.py build_ext --inplace)")
         self._C = _C
-        self.corpus = _C.Corpus(
-            [s.tokens for s in dataset.shards], [s.mask for s in dataset.shards], [s.offsets for s in dataset.shards]
-        )
+        self.vocab_size = vocab_size or 0
+        self.corpus = _C.Corpus(list(dataset.shards))
 
     def effective_lengths(self, seq_len, loss_bucket, long_docs):
         bucket = -1 if loss_bucket is None else loss_bucket
-        return self.corpus.effective_lengths(seq_len, bucket, long_docs == "drop")
+        try:
+            return self.corpus.effective_lengths(seq_len, bucket, long_docs == "drop")
+        except self._C.ShardReadError as e:
+            raise ShardError(str(e)) from None
 
     def plan_epoch(self, eff_len, supervised, *, seq_len, max_docs, loss_bucket, window, seed, epoch, world_size,
                    drop_last):
@@ -54,13 +62,18 @@ class _CppBackend:
                                   drop_last)
 
     def assemble(self, row_ptr, row_docs, eff_len, rows, out):
-        self._C.assemble_rows(self.corpus, row_ptr, row_docs, eff_len, rows, out["input_ids"], out["position_ids"],
-                              out["labels"], out["cu_seqlens"], out["loss_positions"], out["counts"])
+        try:
+            self._C.assemble_rows(self.corpus, row_ptr, row_docs, eff_len, rows, out["input_ids"],
+                                  out["position_ids"], out["labels"], out["cu_seqlens"], out["loss_positions"],
+                                  out["counts"], self.vocab_size)
+        except self._C.ShardReadError as e:
+            raise ShardError(str(e)) from None
 
 
 class _NumpyBackend:
-    def __init__(self, dataset: ShardDataset):
+    def __init__(self, dataset: ShardDataset, vocab_size: int | None):
         self.dataset = dataset
+        self.vocab_size = vocab_size
 
     def effective_lengths(self, seq_len, loss_bucket, long_docs):
         return packing_ref.effective_lengths(self.dataset, seq_len, loss_bucket, long_docs)
@@ -69,7 +82,7 @@ class _NumpyBackend:
         return packing_ref.plan_epoch(eff_len, supervised, **config)
 
     def assemble(self, row_ptr, row_docs, eff_len, rows, out):
-        packing_ref.assemble_rows(self.dataset, row_ptr, row_docs, eff_len, rows, out)
+        packing_ref.assemble_rows(self.dataset, row_ptr, row_docs, eff_len, rows, out, self.vocab_size)
 
 
 def _check_int(name, value, low, high=None):
@@ -93,15 +106,18 @@ class PackedLoader:
         exactly once per epoch; True drops the last (row count % world_size) rows.
     prefetch: batches assembled ahead in a background thread (0: assemble in the caller's thread).
     pin_memory: page-locked buffers for non-blocking copies to the GPU (default: when CUDA is available).
-    vocab_size: the model's vocabulary; a token id >= vocab_size in any shard raises ShardError here, before training.
+    vocab_size: the model's vocabulary; a token id >= vocab_size in any shard raises ShardError here, before training
+        (from the verified shard headers), and every document is checked again as it is assembled.
+    verify: when `source` is a path, open it with a full verification of every shard (see fastsft/data/shards.py).
     virtual_tokens: slots reserved in front of every document for prompt tuning / P-tuning (fastsft/data/
         virtual_tokens.py): documents are cut to seq_len - virtual_tokens and packed as that much longer.
+    A dataset with no supervised position left after truncation raises ValueError: it would train on nothing.
     """
 
     def __init__(self, source, seq_len: int, max_docs: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  window: int = DEFAULT_WINDOW, loss_bucket: int | None = None, long_docs: str = "truncate",
                  drop_last: bool = False, prefetch: int = 2, pin_memory: bool | None = None, backend: str = "cpp",
-                 vocab_size: int | None = None, virtual_tokens: int = 0):
+                 vocab_size: int | None = None, virtual_tokens: int = 0, verify: bool = True):
         _check_int("seq_len", seq_len, 1, (1 << 31) - 1)
         _check_int("max_docs", max_docs, 1)
         _check_int("seed", seed, 0, (1 << 64) - 1)
@@ -121,9 +137,12 @@ class PackedLoader:
         elif pin_memory and not torch.cuda.is_available():
             raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None or False")
 
-        self.dataset = source if isinstance(source, ShardDataset) else open_shards(source)
+        if vocab_size is not None:
+            _check_int("vocab_size", vocab_size, 1)
+        self.dataset = source if isinstance(source, ShardDataset) else open_shards(source, verify=verify)
         if vocab_size is not None:
             self.dataset.check_vocab(vocab_size)
+        self.vocab_size = self.dataset.vocab_size  # set by check_vocab, here or by whoever opened the dataset
         self.seq_len, self.max_docs, self.seed = int(seq_len), int(max_docs), int(seed)
         self.rank, self.world_size, self.window = int(rank), int(world_size), int(window)
         self.loss_bucket = None if loss_bucket is None else int(loss_bucket)
@@ -131,7 +150,7 @@ class PackedLoader:
         self.long_docs, self.drop_last = long_docs, bool(drop_last)
         self.prefetch, self.pin_memory, self.backend = int(prefetch), bool(pin_memory), backend
         self.virtual_tokens = int(virtual_tokens)
-        self._impl = _CppBackend(self.dataset) if backend == "cpp" else _NumpyBackend(self.dataset)
+        self._impl = (_CppBackend if backend == "cpp" else _NumpyBackend)(self.dataset, self.vocab_size)
         eff_len, supervised = self._impl.effective_lengths(self.seq_len - self.virtual_tokens, self.loss_bucket,
                                                            self.long_docs)
         self.eff_len = np.ascontiguousarray(eff_len, dtype=np.int64)
@@ -143,8 +162,16 @@ class PackedLoader:
                 f"PackedLoader: every one of the {len(self.dataset)} documents is longer than seq_len={seq_len} and "
                 "long_docs='drop' drops them all; raise seq_len or use long_docs='truncate'"
             )
+        if not self.supervised.any():
+            raise ValueError(
+                f"PackedLoader: {self.dataset.files[0] if len(self.dataset.files) == 1 else self.dataset.files}: no "
+                f"supervised token in any of the {len(self.dataset)} documents (every loss-mask byte is 0 after "
+                f"seq_len={seq_len} truncation); training would learn nothing. Check the data's response fields and "
+                "--train-on, then prepare again"
+            )
         self.epoch = 0
         self._index = 0  # batches of the current epoch already handed out
+        self._iterating = False
         self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._config = self._make_config()
         self._fingerprint = hashlib.sha256(json.dumps(self._config, sort_keys=True).encode()).hexdigest()[:16]
@@ -248,6 +275,28 @@ class PackedLoader:
     # ----------------------------------------------------------------------------------------------- iteration
 
     def __iter__(self):
+        """One epoch (or its rest, after load_state_dict). One iteration at a time: the loader's position is one
+        (epoch, index) that state_dict() saves, so a second iterator running beside the first is a RuntimeError
+        rather than a second reader handing out the same rows."""
+        self._check_not_iterating("iterate")
+        return self._iterate()
+
+    def _check_not_iterating(self, what: str) -> None:
+        if self._iterating:
+            raise RuntimeError(
+                f"PackedLoader: cannot {what} while another iteration over this loader is in progress (both would "
+                "hand out the same rows); finish or close the first iterator, or build a second PackedLoader"
+            )
+
+    def _iterate(self):
+        self._check_not_iterating("iterate")
+        self._iterating = True
+        try:
+            yield from self._epoch_batches()
+        finally:
+            self._iterating = False
+
+    def _epoch_batches(self):
         if self._index >= len(self):  # a state saved right after the last batch of an epoch
             self.epoch += 1
             self._index = 0
@@ -272,19 +321,37 @@ class PackedLoader:
                     fingerprint=self._fingerprint, config=dict(self._config))
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position. Every field is checked (type and range) before anything changes."""
+        where = "PackedLoader.load_state_dict"
+        self._check_not_iterating("load a state")
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: state must be a dict, got {type(state).__name__}")
         missing = {"epoch", "index", "fingerprint"} - set(state)
         if missing:
-            raise ValueError(f"PackedLoader.load_state_dict: state is missing {sorted(missing)}")
+            raise ValueError(f"{where}: state is missing {sorted(missing)}")
+        version = state.get("version", _STATE_VERSION)
+        if version != _STATE_VERSION or isinstance(version, bool):
+            raise ValueError(f"{where}: state version {version!r}, this fastsft reads {_STATE_VERSION}")
+        for name, high in (("epoch", _MAX_EPOCH), ("index", None)):
+            value = state[name]
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0 or (
+                    high is not None and value > high):
+                bound = f"[0, {high}]" if high is not None else ">= 0"
+                raise ValueError(f"{where}: {name} must be an int {bound}, got {value!r}")
+        if not isinstance(state["fingerprint"], str):
+            raise ValueError(f"{where}: fingerprint must be a string, got {type(state['fingerprint']).__name__}")
         if state["fingerprint"] != self._fingerprint:
-            theirs = state.get("config", {})
+            theirs = state.get("config") if isinstance(state.get("config"), dict) else {}
             diff = {k: (theirs.get(k), v) for k, v in self._config.items() if theirs.get(k) != v}
             raise ValueError(
-                "PackedLoader.load_state_dict: the state comes from a different loader configuration or dataset "
+                f"{where}: the state comes from a different loader configuration or dataset "
                 f"(field: (saved, now) = {diff}); resume with the same data and loader settings"
             )
-        self.epoch, self._index = int(state["epoch"]), int(state["index"])
-        if not 0 <= self._index <= len(self):
-            raise ValueError(f"PackedLoader.load_state_dict: index {self._index} outside epoch of {len(self)} batches")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        batches = (len(self.plan(epoch)[0]) - 1) // self.world_size
+        if index > batches:
+            raise ValueError(f"{where}: index {index} outside epoch {epoch} of {batches} batches")
+        self.epoch, self._index = epoch, index
 
 
 class _Prefetcher:

@@ -114,21 +114,21 @@ def permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def effective_lengths(dataset, seq_len: int, loss_bucket: int | None = None, long_docs: str = "truncate"):
-    """(eff_len, supervised): tokens kept per document (0 = dropped) and its supervised positions within them
-    (computed only with a loss bucket, else zeros)."""
+    """(eff_len, supervised): tokens kept per document (0 = dropped) and its supervised positions within them."""
     if long_docs not in LONG_DOC_POLICIES:
         raise ValueError(f"long_docs must be one of {LONG_DOC_POLICIES}, got {long_docs!r}")
     lengths = dataset.lengths.astype(np.int64)
     eff_len = np.minimum(lengths, seq_len)
     cut = lengths > seq_len
     supervised = np.zeros_like(lengths)
-    if loss_bucket is not None:
-        for f, shard in enumerate(dataset.shards):
-            lo, hi = int(dataset.doc_starts[f]), int(dataset.doc_starts[f + 1])
-            csum = np.zeros(shard.num_tokens + 1, dtype=np.int64)  # csum[i] = mask[:i].sum()
-            np.cumsum(shard.mask != 0, out=csum[1:])
-            starts = shard.offsets[:-1]
-            sup = csum[starts + eff_len[lo:hi]] - csum[starts + 1]
+    for f, shard in enumerate(dataset.shards):
+        lo, hi = int(dataset.doc_starts[f]), int(dataset.doc_starts[f + 1])
+        csum = np.zeros(shard.num_tokens + 1, dtype=np.int64)  # csum[i] = mask[:i].sum()
+        np.cumsum(shard.read_mask(0, shard.num_tokens) != 0, out=csum[1:])
+        starts = shard.offsets[:-1]
+        sup = csum[starts + eff_len[lo:hi]] - csum[starts + 1]
+        supervised[lo:hi] = sup
+        if loss_bucket is not None:
             over = sup > loss_bucket
             # the (B+1)-th supervised token sits at p; the longest prefix with exactly B is [start, p)
             first_past = np.searchsorted(csum, csum[starts + 1] + loss_bucket + 1, side="left")
@@ -225,8 +225,9 @@ def allocate_batch_buffers(num_rows: int, seq_len: int, max_docs: int, bucket: i
     )
 
 
-def assemble_rows(dataset, row_ptr, row_docs, eff_len, rows, out: dict) -> None:
-    """Fill out[...][i] with plan row rows[i] (see allocate_batch_buffers for the buffers)."""
+def assemble_rows(dataset, row_ptr, row_docs, eff_len, rows, out: dict, vocab_size: int | None = None) -> None:
+    """Fill out[...][i] with plan row rows[i] (see allocate_batch_buffers for the buffers). A document holding a token
+    id >= vocab_size raises ShardError naming its file."""
     seq_len = out["input_ids"].shape[1]
     bucket = out["loss_positions"].shape[1]
     for i, row in enumerate(rows):
@@ -240,6 +241,8 @@ def assemble_rows(dataset, row_ptr, row_docs, eff_len, rows, out: dict) -> None:
             length = int(eff_len[doc])
             tokens, mask = dataset[doc]
             tokens, mask = tokens[:length].astype(np.int64), mask[:length]
+            if vocab_size is not None and length and int(tokens.max()) >= vocab_size:
+                _out_of_vocab(dataset, int(doc), int(tokens.max()), vocab_size)
             end = pos + length
             input_ids[pos:end] = tokens
             position_ids[pos:end] = np.arange(length)
@@ -258,3 +261,14 @@ def assemble_rows(dataset, row_ptr, row_docs, eff_len, rows, out: dict) -> None:
         loss_positions[:loss_pos.size] = loss_pos
         loss_positions[loss_pos.size:] = LOSS_POSITION_FILL
         out["counts"][i] = (loss_pos.size, pos, len(docs))
+
+
+def _out_of_vocab(dataset, doc: int, token: int, vocab_size: int):
+    from fastsft.data.shards import ShardError
+
+    f = int(np.searchsorted(dataset.doc_starts, doc, side="right")) - 1
+    raise ShardError(
+        f"{dataset.files[f]}: document {doc - int(dataset.doc_starts[f])} holds token id {token}, outside the "
+        f"vocabulary of {vocab_size}: the shard is corrupt (changed since it was verified?); re-run `fastsft prepare` "
+        "or restore the file"
+    )

@@ -64,6 +64,7 @@ class DataSection:
     workers: int = _opt(1, "processes used to tokenize when preparing")
     skip_bad: bool = _opt(False, "skip malformed records (counted) instead of stopping with an error")
     prefetch: int = _opt(2, "batches the loader assembles ahead of the model")
+    verify: bool = _opt(True, "read every shard once at start: payload checksum, token ids and loss mask against the header (false: header checks only)")
 
 
 @dataclass

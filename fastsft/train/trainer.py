@@ -339,8 +339,9 @@ class Trainer:
         except ValueError as e:  # not 'byte' and not a tokenizer directory: the message says what to give
             raise RunError(str(e)) from None
         (train_dir, train_split), val = prepare_data(cfg, self.tokenizer, info, self.say)
-        self.train_data = open_shards(train_dir, train_split, vocab_size=self.tokenizer.vocab_size)
-        self.val_data = open_shards(val[0], val[1], vocab_size=self.tokenizer.vocab_size) if val else None
+        vocab, verify = self.tokenizer.vocab_size, cfg.data.verify
+        self.train_data = open_shards(train_dir, train_split, vocab_size=vocab, verify=verify)
+        self.val_data = open_shards(val[0], val[1], vocab_size=vocab, verify=verify) if val else None
         self.loader = make_loader(self.train_data, cfg, info, seed=cfg.train.seed)
         if len(self.loader) == 0:
             raise RunError(f"the training data gives no packed rows for rank {info.rank}; use more data or fewer ranks")
