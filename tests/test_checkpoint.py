@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_utils import assert_same_weights, final_weights, tiny_config, tiny_overrides, write_tiny_data
+from helpers import assert_same_weights, final_weights, tiny_config, tiny_overrides, write_tiny_data
 
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.trainer import Trainer

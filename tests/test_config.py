@@ -109,10 +109,13 @@ def test_yaml_wrong_type_and_section_misuse(tmp_path):
         C.load_config(str(tmp_path / "missing.yaml"))
 
 
-def test_yaml_round_trip():
+def test_yaml_round_trip(tmp_path):
+    """A run's saved config.yaml (to_yaml) is a --config file that gives the same options back."""
     cfg = C.load_config(None, ["optim.learning_rate=5e-5", "data.train_files=x.jsonl", "eval.eval_steps=9"])
-    again = C.from_dict(yaml.safe_load(C.to_yaml(cfg)))
+    (tmp_path / "config.yaml").write_text(C.to_yaml(cfg))
+    again = C.load_config(str(tmp_path / "config.yaml"))
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    assert dataclasses.asdict(again) != dataclasses.asdict(C.TrainConfig())
 
 
 def test_markdown_table_lists_every_option():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import tiny_config, tiny_overrides, write_tiny_data
+from helpers import tiny_config, tiny_overrides, write_tiny_data
 
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.metrics import read_metrics

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from train_utils import tiny_config, write_tiny_data
+from helpers import tiny_config, write_tiny_data
 
 from fastsft.cli import main
 from fastsft.data.tokenizer import load_tokenizer

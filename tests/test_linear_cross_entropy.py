@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from float64_loss import reduce_and_backward
+from helpers import reduce_and_backward
 from torch.profiler import profile
 
 from fastsft.ops import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference

@@ -10,7 +10,9 @@ import json
 
 import pytest
 import torch
+from helpers import SMALL, make_batch, random_docs, rel_err, spread_weights
 from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -23,14 +25,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch
 from fastsft.generate import generate_batch
 from fastsft.hf_checkpoint import config_from_hf, hf_key_map, load_pretrained, save_pretrained
 from fastsft.model import ModelConfig, Transformer
 
-VOCAB = 96
-SMALL = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}
 
@@ -44,52 +42,6 @@ ARCHS = {
 }
 
 
-def make_batch(docs, seq_len, max_docs=4, bucket=None, supervised=None) -> Batch:
-    """Pack token lists into one row of the batch contract (fastsft/data/batch.py), written from its docstring:
-    documents back to back, padding tail as its own segment, labels shifted within each document, loss_positions
-    padded with -1. supervised[i][t] says whether token t of document i carries loss (default: all but the first)."""
-    used = sum(len(d) for d in docs)
-    assert used <= seq_len and len(docs) <= max_docs
-    input_ids = torch.full((seq_len,), PAD_ID, dtype=torch.int64)
-    position_ids = torch.zeros(seq_len, dtype=torch.int32)
-    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.int64)
-    ends, start = [], 0
-    for i, doc in enumerate(docs):
-        n = len(doc)
-        input_ids[start:start + n] = torch.tensor(doc)
-        position_ids[start:start + n] = torch.arange(n, dtype=torch.int32)
-        for t in range(n - 1):
-            if supervised is None or supervised[i][t + 1]:
-                labels[start + t] = doc[t + 1]
-        start += n
-        ends.append(start)
-    if used < seq_len:
-        position_ids[used:] = torch.arange(seq_len - used, dtype=torch.int32)
-        ends.append(seq_len)
-    cu = [0] + ends + [seq_len] * (max_docs + 1 - len(ends))
-    positions = (labels != IGNORE_INDEX).nonzero().flatten()
-    bucket = seq_len if bucket is None else bucket
-    loss_positions = torch.full((bucket,), LOSS_POSITION_FILL, dtype=torch.int32)
-    loss_positions[: len(positions)] = positions.to(torch.int32)
-    return Batch(input_ids=input_ids, position_ids=position_ids, labels=labels,
-                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=seq_len, loss_positions=loss_positions,
-                 num_loss_tokens=len(positions), num_tokens=used, num_docs=len(docs))
-
-
-def random_docs(lengths, vocab=VOCAB, generator=None):
-    return [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
-
-
-def spread_weights(model: torch.nn.Module, std: float = 0.15) -> None:
-    """Re-draw every parameter: larger spread than the 0.02 init so logits differ, norm gains around 1."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.copy_(std * torch.randn_like(p))
-
-
 def hf_model(arch, tmp_path):
     config_cls, model_cls, overrides = ARCHS[arch]
     config = config_cls(**{**SMALL, **overrides})
@@ -97,10 +49,6 @@ def hf_model(arch, tmp_path):
     spread_weights(model)
     model.save_pretrained(tmp_path / "hf")
     return model
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 def single_row(ids):
@@ -250,12 +198,22 @@ def test_from_config_random_init_like_transformers():
     assert set(model.state_dict()) == set(hf_key_map(model.config))
 
 
-def test_flops_per_token():
-    model = Transformer.from_config(ModelConfig(**SMALL, tie_word_embeddings=True))
-    h, v, layers = SMALL["hidden_size"], SMALL["vocab_size"], SMALL["num_hidden_layers"]
-    per_layer = h * 4 * 16 + 2 * (h * 2 * 16) + 4 * 16 * h + 3 * h * SMALL["intermediate_size"]  # q, k+v, o, mlp
-    matmul_weights = layers * per_layer + v * h  # + the tied lm_head matmul
-    assert model.flops_per_token(100) == 6 * matmul_weights + 6 * layers * 4 * 16 * 100 + 6 * (layers * 2 + 1) * h
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_matches_torch_flop_counter(tied):
+    """flops_per_token against torch's own FLOP counter over a real forward + backward of one document: every matmul
+    (projections with GQA's narrower k/v, SwiGLU, the head or the tied table) counted by torch. Two conventions of
+    the formula are added to the count: the 6 x parameters rule also counts the norm gains (6 per element per token),
+    and the counter sees full attention where a causal kernel computes half."""
+    model = Transformer.from_config(ModelConfig(**SMALL, tie_word_embeddings=tied), seed=0)
+    length = 40
+    row = single_row(random_docs([length])[0])
+    with FlopCounterMode(display=False) as counter:
+        model.logits(**row).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) == {"aten.mm", "aten.bmm"}, counts  # projections and head; attention scores and values
+    norm_gains = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    expected = counts["aten.mm"] + 6 * norm_gains * length + counts["aten.bmm"] // 2
+    assert model.flops_per_token(length) * length == expected
 
 
 def test_bf16_autocast_close_to_fp32(tmp_path):

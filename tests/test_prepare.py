@@ -104,7 +104,7 @@ def test_cli_end_to_end_matches_direct_tokenization(tmp_path, data, capsys):
 
 
 def test_hf_tokenizer_prepare_and_no_loss_drop(tmp_path):
-    from test_tokenizer import build_hf_tokenizer
+    from helpers import build_hf_tokenizer
 
     tok_dir = build_hf_tokenizer(tmp_path / "tok", "chatml")
     rng = random.Random()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_model import SMALL, make_batch, random_docs
+from helpers import SMALL, make_batch, random_docs
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from fastsft.model import ModelConfig, Transformer
@@ -17,7 +17,6 @@ from fastsft.train.step import (
     build_optimizer,
     freeze_parameters,
     lr_lambda,
-    mfu,
 )
 
 TINY = dict(SMALL, num_hidden_layers=2)
@@ -249,10 +248,6 @@ def test_precisions():
     metrics = TrainStep(model, build_optimizer(model, lr=1e-2), precision="pure_bf16")(rows)
     assert abs(metrics.loss.item() - reference) < 5e-2 * reference
     assert not torch.equal(model.layers[0].mlp.up_proj.weight, before)
-
-
-def test_mfu():
-    assert mfu(tokens_per_s=1000.0, flops_per_token=6e9, peak_flops=1e13) == pytest.approx(0.6)
 
 
 @pytest.mark.gpu

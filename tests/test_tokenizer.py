@@ -7,58 +7,11 @@ import random
 
 import numpy as np
 import pytest
+from helpers import CHATML_TEMPLATE, HF_KINDS, build_hf_tokenizer
+from helpers import TOKENIZER_WORDS as WORDS
 
 from fastsft.data.formats import DataError
 from fastsft.data.tokenizer import FALLBACK_CHAT_TEMPLATE, ByteTokenizer, load_tokenizer
-
-WORDS = ["hello", "world", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "héllo", "数据", "a+b=c",
-         "you", "are", "helpful", "42", "!", "?", "line\nbreak"]
-
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-CHATML_TEMPLATE = (  # Qwen-style: a default system prompt when the conversation has none
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
-    "{% endif %}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# The generation prompt opens a "thinking" block that history turns do not have, so rendering messages[:k] with the
-# generation prompt is NOT a prefix of rendering messages[:k+1]: the span search fallback must handle it.
-THINKING_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}"
-)
-
-HF_KINDS = {
-    # name: (special tokens, chat template, bos, eos, end-of-turn marker, text after the marker that is not trained)
-    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
-    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE, None, "<|im_end|>", "<|im_end|>"),
-    "thinking": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], THINKING_TEMPLATE, None, "<|endoftext|>",
-                 "<|im_end|>"),
-    "plain": (["<s>", "</s>"], None, "<s>", "</s>", "</s>"),
-}
-
-
-def build_hf_tokenizer(directory, kind: str):
-    """Train a tiny byte-level BPE on a few strings, wrap it as a PreTrainedTokenizerFast with the kind's chat
-    template, save it to `directory`; returns the directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials, template, bos, eos, _ = HF_KINDS[kind]
-    rust = Tokenizer(models.BPE())
-    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    rust.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    rust.train_from_iterator([" ".join(WORDS), "system user assistant you are a helpful assistant"] * 4, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token=bos, eos_token=eos, chat_template=template)
-    wrapped.save_pretrained(str(directory))
-    return directory
 
 
 @pytest.fixture(scope="module")

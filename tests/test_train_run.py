@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from train_utils import tiny_config, write_tiny_data
+from helpers import tiny_config, write_tiny_data
 
 from fastsft.cli import main
 from fastsft.train import checkpoint as ckpt

@@ -443,25 +443,6 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict, where: str = "saved config") -> TrainConfig:
-    """Rebuild a TrainConfig from `to_dict` output (a checkpoint's config.yaml)."""
-    cfg = TrainConfig()
-    entries: list = []
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            key = f"{prefix}.{k}" if prefix else k
-            if isinstance(v, dict):
-                walk(v, key)
-            else:
-                entries.append((key, v))
-
-    walk(data, "")
-    for key, value in entries:
-        set_value(cfg, key, value, where)
-    return cfg
-
-
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 

@@ -37,16 +37,6 @@ COMPILE_SCOPES = ("blocks", "model", "none")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DECAYS = ("cosine", "linear", "constant")
 
-# Prefixes that wrappers (torch.compile's OptimizedModule, FSDP1, checkpoint_wrapper) put into parameter names.
-_WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,28 +91,24 @@ def lr_lambda(warmup_steps: int, total_steps: int, decay: str = "cosine", min_lr
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def apply_compile(model: nn.Module, mode: str | None = "blocks", fullgraph: bool = True, backend="inductor",
+def apply_compile(model: nn.Module, scope: str = "blocks", fullgraph: bool = True, backend="inductor",
                   compile_mode: str | None = None) -> nn.Module:
-    """torch.compile each transformer block ("blocks": one graph shared by all blocks but the first, which has no
-    residual yet; short compile time), the whole forward ("model", single device), or nothing ("none"). Returns
-    the model. `compile_mode` is torch.compile's mode; for convenience a torch.compile mode name (e.g.
-    "max-autotune") or None given as `mode` means per-block compilation with that mode.
+    """torch.compile each transformer block (scope "blocks": one graph shared by all blocks but the first, which has
+    no residual yet; short compile time), the whole forward ("model", single device), or nothing ("none"). Returns
+    the model. `compile_mode` is torch.compile's mode (None or "default", "max-autotune", ...).
 
     What gets compiled is each module's `forward` (replaced on the instance), not its `__call__`: module hooks - FSDP2's
     all-gather and reshard hooks among them - stay outside the graph whether this runs before or after sharding,
     and parameter names do not change. Apply after activation checkpointing (the checkpointed forward is what gets
     compiled). The loss (a custom op) runs outside the compiled graph."""
-    if mode is None:
-        mode = "blocks"
-    elif mode in TORCH_COMPILE_MODES:
-        mode, compile_mode = "blocks", mode
-    if mode not in COMPILE_SCOPES:
-        raise ValueError(f"apply_compile mode {mode!r} is not one of {', '.join(COMPILE_SCOPES)} (or a torch.compile "
-                         f"mode: {', '.join(TORCH_COMPILE_MODES)})")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"apply_compile scope {scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+    if compile_mode is not None and compile_mode not in TORCH_COMPILE_MODES:
+        raise ValueError(f"torch.compile mode {compile_mode!r} is not one of {', '.join(TORCH_COMPILE_MODES)}")
     kwargs = {"fullgraph": fullgraph, "backend": backend}
     if compile_mode is not None and compile_mode != "default":
         kwargs["mode"] = compile_mode
-    targets = {"blocks": list(model.layers), "model": [model], "none": []}[mode]
+    targets = {"blocks": list(model.layers), "model": [model], "none": []}[scope]
     for module in targets:
         if not getattr(module, "_fastsft_compiled", False):
             module.forward = torch.compile(module.forward, **kwargs)
@@ -156,7 +142,7 @@ def freeze_parameters(model: nn.Module, patterns: list[str]) -> int:
     ("re:layers\\.(0|1)\\..*"). A pattern that matches nothing is an error (a typo would otherwise train everything)."""
     if isinstance(patterns, str):
         patterns = [patterns]
-    named = [(clean_name(name), param) for name, param in model.named_parameters()]
+    named = list(model.named_parameters())
     frozen = 0
     for pattern in patterns:
         matches = [param for name, param in named if _name_matches(name, pattern)]
@@ -191,9 +177,6 @@ class StepMetrics:
     num_correct: torch.Tensor  # 0-d int64: supervised tokens whose argmax prediction is the label
     grad_norm: torch.Tensor  # 0-d fp32: total gradient norm before clipping
     skipped: torch.Tensor  # 0-d fp32: 1.0 when the update was skipped (non-finite loss or gradient norm)
-    num_items: int | torch.Tensor  # the divisor used (host int unless the trainer passed a tensor)
-    num_tokens: int  # non-padding tokens in this step's micro-batches (host, from the loader)
-    lr: float  # learning rate the update used (host)
 
 
 class TrainStep:
@@ -243,15 +226,11 @@ class TrainStep:
             total_correct += correct
         grad_norm = self._clip_gradients()
         found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_loss))).float()
-        lr = self.optimizer.param_groups[0]["lr"]
         self._optimizer_step(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        return StepMetrics(
-            loss=total_loss, num_correct=total_correct, grad_norm=grad_norm, skipped=found_inf,
-            num_items=num_items, num_tokens=sum(b.num_tokens for b in micro_batches), lr=float(lr),
-        )
+        return StepMetrics(loss=total_loss, num_correct=total_correct, grad_norm=grad_norm, skipped=found_inf)
 
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.params if p.grad is not None]

@@ -285,9 +285,6 @@ def measure_peak_flops(device: torch.device) -> float:
     return 2 * n**3 / times[len(times) // 2]
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under torch.compile's wrapper (state dict keys without `_orig_mod.`)."""
-    return getattr(model, "_orig_mod", model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -362,9 +359,9 @@ class Trainer:
             distributed.shard_model(model, info, param_dtype=param_dtype)
             precision = "fp32" if param_dtype is not None else precision  # FSDP casts; no autocast on top
         if cfg.train.torch_compile:
-            model = step_lib.apply_compile(model, cfg.train.compile_mode)  # per block, in place
+            model = step_lib.apply_compile(model, compile_mode=cfg.train.compile_mode)  # per block, in place
         self.model = model
-        self.num_parameters = unwrap(model).num_parameters() if hasattr(unwrap(model), "num_parameters") else None
+        self.num_parameters = model.num_parameters()
 
         o = cfg.optim
         self.optimizer = step_lib.build_optimizer(
@@ -380,7 +377,7 @@ class Trainer:
             precision = "pure_bf16"  # bf16 parameters and optimizer state, no autocast
         self.train_step = step_lib.TrainStep(model, self.optimizer, self.scheduler, o.max_grad_norm, precision)
         self.precision = precision
-        self.flops_per_token = unwrap(model).flops_per_token(attention_context(self.train_data, cfg.data.seq_len))
+        self.flops_per_token = model.flops_per_token(attention_context(self.train_data, cfg.data.seq_len))
         self.peak_flops = measure_peak_flops(info.device) if info.device.type == "cuda" else None
 
     def _precision(self) -> str:
@@ -433,7 +430,7 @@ class Trainer:
         if not info.enabled:
             path = ckpt.save_local(
                 self.out_dir, step,
-                model_state=unwrap(self.model).state_dict(),
+                model_state=self.model.state_dict(),
                 optimizer_state=self.optimizer.state_dict(),
                 rank_state=self._rank_state(),
                 trainer_state=self._trainer_state_json(),
@@ -488,7 +485,7 @@ class Trainer:
             if info.enabled:
                 raise RunError(f"{path} is a one-process checkpoint; resume it without torchrun (or start a new --out)")
             model_state, optimizer_state, rank_state, _ = ckpt.load_local(path)
-            unwrap(self.model).load_state_dict(model_state)
+            self.model.load_state_dict(model_state)
             self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(rank_state["scheduler"])
         self.loader.load_state_dict(rank_state["loader"])
