@@ -258,9 +258,9 @@ class Transformer(nn.Module):
         hidden, _ = self.norm(x, residual)
         if labels is None:
             return hidden
+        # fp32 master weights under autocast go in as they are: the op runs its GEMMs in hidden's dtype slice by
+        # slice and accumulates the weight's fp32 gradient in place (no bf16 [V, H] copy, no second buffer).
         weight = self.lm_head_weight
-        if weight.dtype != hidden.dtype:  # fp32 master weights under autocast: the matmul runs in bf16
-            weight = weight.to(hidden.dtype)
         return linear_cross_entropy(hidden, weight, labels, loss_positions=loss_positions, reduction="mean",
                                     num_items=num_items, return_num_correct=return_num_correct)
 

@@ -395,3 +395,87 @@ def test_gpu_realistic_shape(masked):
     assert abs(correct.item() - ref_correct.item()) <= n * 1e-3  # near-ties may flip under bf16 logits
     for g, r in ((x.grad, xr.grad), (w.grad, wr.grad)):
         assert (g.float() - r).norm() <= 2**-6 * r.norm()
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape and dtype of every tensor an aten op returns, looking inside fastsft's custom ops too (their
+    Python bodies run under this mode instead of being dispatched past it)."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.records = records
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library.custom_ops import OPDEFS
+
+        kwargs = kwargs or {}
+        if func.namespace == "fastsft":
+            with _Allocations(self.records):
+                out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.records.append((func.__name__, tuple(t.shape), t.dtype, t.untyped_storage().data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fp32_master_weight_has_no_vocab_by_hidden_temporary(triton_interpret, monkeypatch, reduction):
+    """bf16 hidden with the fp32 master lm_head weight (what the model passes under autocast): the op casts the weight
+    in slices of rows for its GEMMs and accumulates straight into the fp32 gradient, so the only [V, H] tensor
+    created in forward and backward is that gradient (no bf16 copy of the weight, no separate accumulator, no scaled
+    copy). Gradients still match float64 within bf16 GEMM rounding."""
+    from fastsft.kernels import linear_cross_entropy as chunked
+
+    monkeypatch.setattr(chunked, "WEIGHT_SLICE_ROWS", 128)  # 301 rows: slices of 128, 128, 45
+    monkeypatch.setenv("FASTSFT_LCE_CHUNK_MB", str(16 * chunked.padded_row_stride(V) * 2 / 2**20))  # 4 chunks
+    hidden, weight, _, labels = random_case(n=64, bias=False)
+    h = hidden.to(torch.bfloat16).requires_grad_()
+    w = weight.clone().requires_grad_()  # fp32
+    records = []
+    with _Allocations(records):
+        loss = linear_cross_entropy(h, w, labels, reduction=reduction)
+        (loss.sum() if reduction == "none" else loss).backward()
+    # Tensors with a hidden-size dimension and more rows than one weight slice: the weight, its gradient, or a copy.
+    big = {(name, shape, dtype, ptr) for name, shape, dtype, ptr in records
+           if ptr != w.untyped_storage().data_ptr() and len(shape) == 2 and H in shape
+           and shape[0] * shape[1] > chunked.WEIGHT_SLICE_ROWS * H}
+    assert {ptr for *_, ptr in big} == {w.grad.untyped_storage().data_ptr()}, big
+    assert w.grad.dtype == torch.float32
+    ref = float64_reference(h.detach().float(), weight, labels, None, reduction,
+                            torch.ones(64) if reduction == "none" else None)
+    scale = ref[3].abs().max()
+    assert (w.grad.double() - ref[3]).abs().max() <= 2**-6 * scale
+    assert (h.grad.double() - ref[2]).abs().max() <= 2**-6 * ref[2].abs().max()
+
+
+def test_backward_twice_is_a_clear_error(triton_interpret, small_chunks):
+    """The summed loss's gradients are scaled in place when handed out, so a second backward through the same
+    forward would scale them again: it raises instead of returning wrong gradients."""
+    hidden, weight, _, labels = random_case(bias=False)
+    loss = linear_cross_entropy(hidden.requires_grad_(), weight.requires_grad_(), labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_chunk_budget_follows_free_device_memory(monkeypatch):
+    """Without FASTSFT_LCE_CHUNK_MB the logits buffer takes at most MAX_CHUNK_BYTES, and less when half of the
+    device's free memory (what the driver reports plus what torch's allocator holds unused) is less."""
+    from fastsft.kernels import linear_cross_entropy as chunked
+
+    monkeypatch.delenv("FASTSFT_LCE_CHUNK_MB", raising=False)
+    free = {"driver": 60 * 2**30, "reserved": 0, "allocated": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["driver"], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: free["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: free["allocated"])
+    cuda = torch.device("cuda", 0)
+    assert chunked.chunk_budget_bytes(cuda) == chunked.MAX_CHUNK_BYTES
+    free.update(driver=600 * 2**20, reserved=500 * 2**20, allocated=100 * 2**20)  # 600 MiB + 400 MiB cached
+    assert chunked.chunk_budget_bytes(cuda) == 500 * 2**20
+    assert chunked.chunk_budget_bytes(torch.device("cpu")) == chunked.MAX_CHUNK_BYTES
+    # One chunk whenever every row fits; else the largest multiple of 128 rows that does.
+    stride = chunked.padded_row_stride(128256) * 2
+    assert chunked.plan_chunk_rows(4000, 128256, 2, chunked.MAX_CHUNK_BYTES) == 4000
+    assert chunked.plan_chunk_rows(16384, 128256, 2, chunked.MAX_CHUNK_BYTES) == (2**30 // stride) // 128 * 128

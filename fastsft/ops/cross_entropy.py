@@ -290,18 +290,36 @@ def _linear_cross_entropy_sum_setup(ctx, inputs, output):
     _total, num_correct, dhidden, dweight, dbias = output
     ctx.save_for_backward(dhidden, dweight, dbias)
     ctx.computed = inputs[-3:]  # grad_hidden, grad_weight, grad_bias
+    ctx.handed_out = False
     ctx.mark_non_differentiable(num_correct, dhidden, dweight, dbias)
+    # The backward reads only the loss's gradient; materialising zeros for the other outputs would allocate another
+    # [V, H] (and [N, H]) tensor in every backward.
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad * scale, in place when running eagerly: the buffer exists only to be returned, and a scaled copy of
+    d weight would be another [V, H] tensor. While torch.compile / AOT autograd traces (functional or fake tensor
+    subclasses) out of place: mutating a saved tensor in a traced backward is rejected, and Inductor reuses the dead
+    buffer by itself."""
+    if type(grad) is torch.Tensor and type(scale) is torch.Tensor:
+        return grad.mul_(scale)
+    return grad * scale
 
 
 def _linear_cross_entropy_sum_backward(ctx, grad_total, *_unused):
+    if ctx.handed_out:
+        raise RuntimeError("linear_cross_entropy: backward ran twice through one forward (retain_graph=True); its "
+                           "gradients are scaled in place and handed out once. Run the forward again instead.")
+    ctx.handed_out = True
     dhidden, dweight, dbias = ctx.saved_tensors
     grad_hidden, grad_weight, grad_bias = ctx.computed
     # The forward computed the gradients of the summed loss; the upstream gradient is one scalar.
     return (
-        dhidden * grad_total if grad_hidden else None,
-        dweight * grad_total if grad_weight else None,
+        _scaled(dhidden, grad_total) if grad_hidden else None,
+        _scaled(dweight, grad_total) if grad_weight else None,
         None,
-        dbias * grad_total if grad_bias else None,
+        _scaled(dbias, grad_total) if grad_bias else None,
         None, None, None, None, None, None, None,
     )
 
@@ -456,7 +474,8 @@ def linear_cross_entropy(
     [bucket] int (the loader's: supervised positions, then -1 filler) restricts the work to those rows before any
     matmul; reduction "none" then returns one loss per bucket entry. With return_num_correct, returns
     (loss, num_correct): int64 0-d count of supervised tokens whose argmax logit (first maximum) is the label.
-    The matmuls run in hidden's dtype (weight and bias are cast to it when they differ, like autocast)."""
+    The matmuls run in hidden's dtype, like autocast: a wider weight (fp32 master weights) is cast slice by slice
+    inside the op and its gradient comes back in its own dtype, accumulated there directly."""
     op = "linear_cross_entropy"
     if hidden.dim() == 0 or not hidden.is_floating_point():
         raise ValueError(f"{op}: hidden must be a floating-point tensor [..., hidden_size], got {hidden.dtype} of "
@@ -480,8 +499,8 @@ def linear_cross_entropy(
             loss_positions, num_items, return_num_correct,
         )
     h, y = gather_loss_positions(hidden, labels, loss_positions, ignore_index)
-    if weight.dtype != h.dtype:
-        weight = weight.to(h.dtype)
+    # A wider weight (the fp32 master lm_head weight under bf16 autocast) goes in as it is: the op casts it in slices
+    # for its GEMMs and accumulates straight into its fp32 gradient, never a [V, H] copy. The bias is small: cast.
     if bias is not None and bias.dtype != h.dtype:
         bias = bias.to(h.dtype)
     options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0))
