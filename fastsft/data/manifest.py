@@ -1,7 +1,8 @@
 """`manifest.json`: the one reader and writer of a prepared dataset's manifest.
 
 Flow: `fastsft prepare` -> shards (fastsft/data/shards.py) -> `write_manifest` (written last: a directory without a
-manifest is incomplete) -> `read_manifest` / `split_paths` -> `open_shards` -> `check_against_shards` -> loader.
+manifest is incomplete) -> `read_manifest` / `split_paths` -> `open_shards` (which compares the manifest with the
+shard headers: `shards.check_manifest_against_shards`) -> loader.
 The trainer reads the recorded tokenizer and split sizes through `read_manifest` too; nothing else parses the file.
 
 What is checked, and where:
@@ -11,8 +12,9 @@ What is checked, and where:
 - `split_paths`: every listed path is relative, has no `..` component, ends in `.shard`, and resolves (symlinks
   followed) inside the dataset directory; no file is listed twice, in one split or across splits, and no file sits
   under another split's directory (`val/...` listed as train).
-- `check_against_shards`: the split's recorded counts equal the sums of its shards' headers, every shard's largest
-  token id is below `vocab_size`, and each shard's token width is the one that vocabulary implies.
+- `shards.check_manifest_against_shards` (beside the format it knows): the split's recorded counts equal the sums of
+  its shards' headers, every shard's largest token id is below `vocab_size`, and each shard's token width is the one
+  that vocabulary implies.
 Errors name the manifest and the field (`splits.train.files[2]`), never print the contents of a file they point at.
 """
 
@@ -22,21 +24,17 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
+from fastsft.data.errors import ShardError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 SPLIT_COUNT_FIELDS = ("documents", "tokens", "loss_tokens")
-_SHARD_SUFFIX = ".shard"  # fastsft.data.shards.SHARD_SUFFIX (not imported: shards imports this module)
+_SHARD_SUFFIX = ".shard"  # fastsft.data.shards.SHARD_SUFFIX (shards imports this module, not the other way)
 
 
-def _error_class():
-    from fastsft.data.shards import ShardError
-
-    return ShardError
-
-
-def manifest_error(path, message: str) -> Exception:
+def manifest_error(path, message: str) -> ShardError:
     """A ShardError (the class `fastsft train` reports as one line) naming the manifest file."""
-    return _error_class()(f"{path}: {message}")
+    return ShardError(f"{path}: {message}")
 
 
 def manifest_path(directory) -> Path:
@@ -150,35 +148,6 @@ def split_paths(directory, manifest: dict, split: str) -> list[Path]:
                 raise manifest_error(path, f"splits.{name}.files[{i}] = {rel!r} lies in the {parts[0]!r} split's "
                                            f"directory but is listed under {name!r}")
     return [resolved[split, i] for i in range(len(manifest["splits"][split]["files"]))]
-
-
-def check_against_shards(directory, manifest: dict, split: str, shards) -> None:
-    """The split's recorded counts and vocabulary against its opened shards (ShardFile objects: header values)."""
-    from fastsft.data.shards import token_dtype_for_vocab
-
-    path = manifest_path(directory)
-    info = manifest["splits"][split]
-    actual = {
-        "documents": sum(s.num_docs for s in shards),
-        "tokens": sum(s.num_tokens for s in shards),
-        "loss_tokens": sum(s.num_loss_tokens for s in shards),
-    }
-    for field, value in actual.items():
-        if field in info and info[field] != value:
-            raise manifest_error(path, f"splits.{split}.{field} = {info[field]} but its shards hold {value}; the "
-                                       "manifest does not belong to these shards (re-run `fastsft prepare`)")
-    vocab = manifest.get("vocab_size")
-    if vocab is None:
-        return
-    itemsize = token_dtype_for_vocab(vocab).itemsize
-    for shard in shards:
-        if shard.max_token_id >= vocab:
-            raise manifest_error(path, f"vocab_size = {vocab} but {shard.path} holds token id {shard.max_token_id}; "
-                                       "the shards were prepared with another vocabulary (re-run `fastsft prepare`)")
-        if shard.itemsize != itemsize:
-            raise manifest_error(path, f"vocab_size = {vocab} implies {itemsize}-byte token ids but {shard.path} "
-                                       f"stores {shard.itemsize}-byte ids; the shards were prepared with another "
-                                       "vocabulary (re-run `fastsft prepare`)")
 
 
 def split_documents(directory, split: str) -> int | None:

@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from fastsft._fsutil import fsync_dir
+from fastsft.data import manifest as manifest_lib
+from fastsft.data.errors import ShardError
 
 MAGIC = b"FSFTSHRD"
 FORMAT_VERSION = 1
@@ -58,10 +60,6 @@ UINT16_VOCAB_LIMIT = 1 << 16
 CRC_CHUNK_BYTES = 1 << 24
 
 assert HEADER_SIZE == 64
-
-
-class ShardError(ValueError):
-    """A shard file (or a directory of them) is missing, corrupt, or does not fit the request; the message names it."""
 
 
 def _align8(n: int) -> int:
@@ -488,8 +486,6 @@ class ShardDataset:
 
 def shard_paths(path, split: str = "train") -> list[Path]:
     """The shard files `open_shards(path, split)` reads (see its docstring for the three accepted forms)."""
-    from fastsft.data import manifest as manifest_lib
-
     path = Path(path)
     if path.is_file():
         return [path]
@@ -504,6 +500,35 @@ def shard_paths(path, split: str = "train") -> list[Path]:
     return files
 
 
+def check_manifest_against_shards(directory, manifest: dict, split: str, shards: list[ShardFile]) -> None:
+    """The split's recorded counts and vocabulary (manifest.json) against its opened shards' headers: equal sums of
+    documents, tokens and loss tokens; every largest token id below vocab_size; the token width that vocabulary
+    implies. A mismatch means the manifest belongs to other shards."""
+    path = manifest_lib.manifest_path(directory)
+    info = manifest_lib.split_info(manifest, split)
+    actual = {
+        "documents": sum(s.num_docs for s in shards),
+        "tokens": sum(s.num_tokens for s in shards),
+        "loss_tokens": sum(s.num_loss_tokens for s in shards),
+    }
+    for field, value in actual.items():
+        if field in info and info[field] != value:
+            raise ShardError(f"{path}: splits.{split}.{field} = {info[field]} but its shards hold {value}; the "
+                             "manifest does not belong to these shards (re-run `fastsft prepare`)")
+    vocab = manifest.get("vocab_size")
+    if vocab is None:
+        return
+    itemsize = token_dtype_for_vocab(vocab).itemsize
+    for shard in shards:
+        if shard.max_token_id >= vocab:
+            raise ShardError(f"{path}: vocab_size = {vocab} but {shard.path} holds token id {shard.max_token_id}; "
+                             "the shards were prepared with another vocabulary (re-run `fastsft prepare`)")
+        if shard.itemsize != itemsize:
+            raise ShardError(f"{path}: vocab_size = {vocab} implies {itemsize}-byte token ids but {shard.path} "
+                             f"stores {shard.itemsize}-byte ids; the shards were prepared with another vocabulary "
+                             "(re-run `fastsft prepare`)")
+
+
 def open_shards(path, split: str = "train", vocab_size: int | None = None, verify: bool = True) -> ShardDataset:
     """Open a dataset: `path` is a prepared directory with manifest.json (reads manifest["splits"][split]["files"]),
     a directory of *.shard files without a manifest (all of them, sorted by name), or one shard file.
@@ -513,12 +538,10 @@ def open_shards(path, split: str = "train", vocab_size: int | None = None, verif
     False: header checks only. With a manifest, its counts and vocabulary are checked against the shards
     (fastsft/data/manifest.py). An empty dataset is an error.
     """
-    from fastsft.data import manifest as manifest_lib
-
     paths = shard_paths(path, split)
     shards = [ShardFile(p, verify=verify) for p in paths]
     if Path(path).is_dir() and manifest_lib.has_manifest(path):
-        manifest_lib.check_against_shards(path, manifest_lib.read_manifest(path), split, shards)
+        check_manifest_against_shards(path, manifest_lib.read_manifest(path), split, shards)
     dataset = ShardDataset(shards)
     if len(dataset) == 0:
         raise ShardError(f"{path}: dataset has no documents (split {split!r}, files: {[str(p) for p in paths]})")
