@@ -9,7 +9,9 @@ Measured, for seq_len 4096 and 16384 (max_docs = seq_len // 32, the default shuf
 - assembly throughput: row positions filled (rows * seq_len) per CPU-second of the one thread doing it
   (time.thread_time, so a busy shared machine does not distort it), C++ and numpy on the same rows into preallocated
   buffers, alternated, median of repeats; also the best wall-clock repeat;
-- the whole loader (PackedLoader iteration, prefetch thread, torch buffers), positions per CPU-second and per second.
+- the whole loader (PackedLoader iteration, prefetch thread, torch buffers), positions per CPU-second and per second;
+- the loss bucket `fastsft train` picks (loss_bucket="auto"): its size, the share of lm_head rows skipped, packing
+  with it, and the share of supervised positions it cuts.
 
     python bench/bench_loader.py [--docs N]          # prints a table, writes bench/results/loader.json
     pytest bench/bench_loader.py --benchmark-only    # the same measurements as pytest-benchmark tests
@@ -64,7 +66,20 @@ def measure_packing(dataset, seq_len: int) -> dict:
     plan_s = time.perf_counter() - start
     stats = loader.stats
     return dict(packing_efficiency=stats["packing_efficiency"], rows=stats["rows"], plan_s=plan_s,
-                truncated_docs=stats["truncated_docs"], max_docs=loader.max_docs, window=loader.window), loader
+                truncated_docs=stats["truncated_docs"], max_docs=loader.max_docs, window=loader.window,
+                **measure_loss_bucket(dataset, seq_len)), loader
+
+
+def measure_loss_bucket(dataset, seq_len: int) -> dict:
+    """The loss bucket `fastsft train` uses (loss_bucket="auto"): its size, the share of lm_head rows it skips, the
+    packing it keeps (every epoch planned alike; epoch 0 here) and the supervised positions it cuts."""
+    start = time.perf_counter()
+    loader = PackedLoader(dataset, seq_len, max_docs_for(seq_len), prefetch=0, loss_bucket="auto")
+    choose_s = time.perf_counter() - start
+    stats = loader.stats
+    return dict(loss_bucket=stats["loss_bucket"], lm_head_rows_skipped=stats["lm_head_rows_skipped"],
+                bucket_packing_efficiency=stats["packing_efficiency"], bucket_choose_s=choose_s,
+                supervised_cut_share=stats["supervised_positions_cut"] / max(1, loader.supervised_uncapped))
 
 
 def plan_next_epoch(loader):
@@ -153,6 +168,11 @@ def run(num_docs: int) -> dict:
         print(f"{seq_len:>8} {r['max_docs']:>8} {r['packing_efficiency']:>9.4%} {r['plan_s']:>7.3f} "
               f"{r['cpp_tokens_per_cpu_s']:>10.3e} {r['numpy_tokens_per_cpu_s']:>11.3e} {r['speedup']:>7.1f}x "
               f"{r['loader_tokens_per_cpu_s']:>12.3e}")
+    print(f"{'seq_len':>8} {'bucket':>7} {'lm_head rows skipped':>21} {'packing':>9} {'supervised cut':>15} "
+          f"{'choose s':>9}   (loss_bucket='auto', as fastsft train uses it)")
+    for seq_len, r in results.items():
+        print(f"{seq_len:>8} {r['loss_bucket']:>7} {r['lm_head_rows_skipped']:>21.1%} "
+              f"{r['bucket_packing_efficiency']:>9.4%} {r['supervised_cut_share']:>15.4%} {r['bucket_choose_s']:>9.3f}")
     return dict(
         corpus=dict(documents=len(dataset), tokens=dataset.num_tokens, median_len=MEDIAN_LEN, sigma=SIGMA,
                     max_len=MAX_LEN, vocab=VOCAB),
@@ -178,6 +198,12 @@ def test_packing_efficiency(benchmark, loader):
     efficiency = loader.stats["packing_efficiency"]
     benchmark.extra_info["packing_efficiency"] = efficiency
     assert efficiency >= 0.995
+
+
+def test_loss_bucket(benchmark, corpus, loader):
+    result = benchmark.pedantic(measure_loss_bucket, args=(corpus, loader.seq_len), rounds=1)
+    benchmark.extra_info.update(result)
+    assert result["bucket_packing_efficiency"] >= 0.995 and result["loss_bucket"] < loader.seq_len
 
 
 def test_assembly_cpp(benchmark, loader):

@@ -39,7 +39,8 @@ import torch
 from common import matmul_tflops, write_result
 from conftest import requires_cuda
 
-from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch
+from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch, attention_bounds
+from fastsft.data.loader import LOSS_BUCKET_GRANULE
 from fastsft.model import ModelConfig, Transformer
 from fastsft.train.step import TrainStep, apply_compile, build_optimizer, mfu
 
@@ -86,8 +87,20 @@ def prompt_length(doc: list[int]) -> int:
     return max(1, int(len(doc) * PROMPT_FRACTION))
 
 
-def fastsft_batch(docs: list[list[int]]) -> Batch:
-    """One row of the batch contract (fastsft/data/batch.py)."""
+def supervised_positions(doc: list[int]) -> int:
+    return len(doc) - prompt_length(doc)  # labels t = start - 1 .. len - 2
+
+
+def loss_bucket_for(rows) -> int:
+    """The loss bucket for these rows, as PackedLoader(loss_bucket="auto") sizes it: a multiple of
+    LOSS_BUCKET_GRANULE holding every row's supervised positions (here no row is cut: the rows are fixed)."""
+    most = max(sum(supervised_positions(d) for d in docs) for docs in rows)
+    return min(SEQ_LEN, -(-most // LOSS_BUCKET_GRANULE) * LOSS_BUCKET_GRANULE)
+
+
+def fastsft_batch(docs: list[list[int]], bucket: int = SEQ_LEN) -> Batch:
+    """One row of the batch contract (fastsft/data/batch.py): loss_positions sized to `bucket`, cu_seqlens and
+    max_seqlen bounded as the loader bounds them (attention_bounds)."""
     ids, positions, labels, ends = [], [], [], []
     for doc in docs:
         start = prompt_length(doc)
@@ -103,11 +116,13 @@ def fastsft_batch(docs: list[list[int]]) -> Batch:
         ends.append(SEQ_LEN)
     labels_t = torch.tensor(labels)
     supervised = (labels_t != IGNORE_INDEX).nonzero().flatten().to(torch.int32)
-    loss_positions = torch.full((SEQ_LEN,), LOSS_POSITION_FILL, dtype=torch.int32)
+    loss_positions = torch.full((bucket,), LOSS_POSITION_FILL, dtype=torch.int32)
     loss_positions[: len(supervised)] = supervised
     cu = [0] + ends + [SEQ_LEN] * (MAX_DOCS + 1 - len(ends))
+    cu_len, max_seqlen = attention_bounds(cu, len(docs), SEQ_LEN, MAX_DOCS)
     return Batch(torch.tensor(ids), torch.tensor(positions, dtype=torch.int32), labels_t,
-                 torch.tensor(cu, dtype=torch.int32), SEQ_LEN, loss_positions, len(supervised), used, len(docs))
+                 torch.tensor(cu[:cu_len], dtype=torch.int32), max_seqlen, loss_positions, len(supervised), used,
+                 len(docs))
 
 
 def hf_labels(doc: list[int]) -> list[int]:
@@ -157,12 +172,16 @@ def fastsft_variant(rows):
     model = Transformer.from_config(ModelConfig(**LLAMA_3_2_1B), device=DEVICE, seed=0)
     apply_compile(model, "blocks")
     step = TrainStep(model, build_optimizer(model, lr=1e-5), max_grad_norm=1.0, precision="bf16")
-    batches = [fastsft_batch(docs).to(DEVICE) for docs in rows]
+    bucket = loss_bucket_for(rows)
+    batches = [fastsft_batch(docs, bucket).to(DEVICE) for docs in rows]
 
     def run(i):
         return step([batches[i % len(batches)]]).loss
 
-    return model, run, {"attention": _fastsft_attention()}
+    bounds = sorted({(len(b.cu_seqlens), b.max_seqlen) for b in batches})
+    return model, run, {"attention": _fastsft_attention(), "loss_bucket": bucket,
+                        "lm_head_rows_skipped": 1 - bucket / SEQ_LEN,
+                        "attention_bounds": [list(b) for b in bounds]}
 
 
 def _fastsft_attention() -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastsft.data import packing_ref
-from fastsft.data.batch import Batch
+from fastsft.data.batch import Batch, attention_bounds
 from fastsft.data.shards import ShardDataset, ShardError, open_shards
 from fastsft.data.virtual_tokens import insert_virtual_tokens
 
@@ -100,7 +100,9 @@ class PackedLoader:
         max_docs costs packing: short documents left at the end of a window fill rows by count, not by tokens;
         max_docs = seq_len // 32 packs >= 99.8% on SFT-like lengths (see DEFAULT_WINDOW).
     window: documents per shuffle window; best-fit-decreasing packs each window.
-    loss_bucket: fixed length of loss_positions (default seq_len); rows never hold more supervised positions.
+    loss_bucket: fixed length of loss_positions (default seq_len); rows never hold more supervised positions, and the
+        loss multiplies only these rows through the lm_head. "auto": chosen from the data (`choose_loss_bucket`: the
+        smallest multiple of LOSS_BUCKET_GRANULE that keeps packing and cuts almost no supervised position).
     long_docs: "truncate" (default) or "drop" documents that do not fit a row (or the loss bucket); both counted.
     drop_last: False (default) balances the row count across ranks by splitting rows, so every document is seen
         exactly once per epoch; True drops the last (row count % world_size) rows.
@@ -111,13 +113,16 @@ class PackedLoader:
     verify: when `source` is a path, open it with a full verification of every shard (see fastsft/data/shards.py).
     virtual_tokens: slots reserved in front of every document for prompt tuning / P-tuning (fastsft/data/
         virtual_tokens.py): documents are cut to seq_len - virtual_tokens and packed as that much longer.
+    bound_attention: per row, cu_seqlens sized to the segments packed and max_seqlen to the longest one, each
+        rounded up to one of a few values (fastsft/data/batch.py `attention_bounds`); False: max_docs + 2 and seq_len.
     A dataset with no supervised position left after truncation raises ValueError: it would train on nothing.
     """
 
     def __init__(self, source, seq_len: int, max_docs: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 window: int = DEFAULT_WINDOW, loss_bucket: int | None = None, long_docs: str = "truncate",
+                 window: int = DEFAULT_WINDOW, loss_bucket: int | str | None = None, long_docs: str = "truncate",
                  drop_last: bool = False, prefetch: int = 2, pin_memory: bool | None = None, backend: str = "cpp",
-                 vocab_size: int | None = None, virtual_tokens: int = 0, verify: bool = True):
+                 vocab_size: int | None = None, virtual_tokens: int = 0, verify: bool = True,
+                 bound_attention: bool = True):
         _check_int("seq_len", seq_len, 1, (1 << 31) - 1)
         _check_int("max_docs", max_docs, 1)
         _check_int("seed", seed, 0, (1 << 64) - 1)
@@ -126,7 +131,7 @@ class PackedLoader:
         _check_int("window", window, 1)
         _check_int("prefetch", prefetch, 0)
         _check_int("virtual_tokens", virtual_tokens, 0, seq_len - 1)
-        if loss_bucket is not None:
+        if loss_bucket is not None and loss_bucket != "auto":
             _check_int("loss_bucket", loss_bucket, 1, seq_len)
         if long_docs not in packing_ref.LONG_DOC_POLICIES:
             raise ValueError(f"PackedLoader: long_docs must be one of {packing_ref.LONG_DOC_POLICIES}, got {long_docs!r}")
@@ -145,14 +150,24 @@ class PackedLoader:
         self.vocab_size = self.dataset.vocab_size  # set by check_vocab, here or by whoever opened the dataset
         self.seq_len, self.max_docs, self.seed = int(seq_len), int(max_docs), int(seed)
         self.rank, self.world_size, self.window = int(rank), int(world_size), int(window)
-        self.loss_bucket = None if loss_bucket is None else int(loss_bucket)
-        self.bucket = self.loss_bucket or self.seq_len
         self.long_docs, self.drop_last = long_docs, bool(drop_last)
         self.prefetch, self.pin_memory, self.backend = int(prefetch), bool(pin_memory), backend
+        self.bound_attention = bool(bound_attention)
         self.virtual_tokens = int(virtual_tokens)
         self._impl = (_CppBackend if backend == "cpp" else _NumpyBackend)(self.dataset, self.vocab_size)
-        eff_len, supervised = self._impl.effective_lengths(self.seq_len - self.virtual_tokens, self.loss_bucket,
-                                                           self.long_docs)
+        doc_len = self.seq_len - self.virtual_tokens
+        eff_len, supervised = self._impl.effective_lengths(doc_len, None, self.long_docs)
+        self.supervised_uncapped = int(np.asarray(supervised).sum())  # before any loss-bucket cut
+        if loss_bucket == "auto":
+            loss_bucket = choose_loss_bucket(
+                np.asarray(eff_len) + self.virtual_tokens * (np.asarray(eff_len) > 0), supervised,
+                seq_len=self.seq_len, max_docs=self.max_docs, window=self.window, seed=self.seed,
+                plan_epoch=self._impl.plan_epoch,
+            )
+        self.loss_bucket = None if loss_bucket is None else int(loss_bucket)
+        self.bucket = self.loss_bucket or self.seq_len
+        if self.loss_bucket is not None:
+            eff_len, supervised = self._impl.effective_lengths(doc_len, self.loss_bucket, self.long_docs)
         self.eff_len = np.ascontiguousarray(eff_len, dtype=np.int64)
         # What planning counts per document: its kept tokens plus its virtual slots.
         self.plan_len = self.eff_len + self.virtual_tokens * (self.eff_len > 0)
@@ -234,6 +249,10 @@ class PackedLoader:
             dropped_docs=int((~kept).sum()),
             dropped_tokens=int(lengths[~kept].sum()),
             empty_rows=int((np.diff(row_ptr) == 0).sum()),
+            loss_bucket=self.bucket,
+            lm_head_rows_skipped=1.0 - self.bucket / self.seq_len,
+            supervised_positions=int(self.supervised.sum()),
+            supervised_positions_cut=self.supervised_uncapped - int(self.supervised.sum()),
         )
 
     # ------------------------------------------------------------------------------------------------ assembly
@@ -258,12 +277,17 @@ class PackedLoader:
         if self.virtual_tokens:
             insert_virtual_tokens(arrays, self.virtual_tokens)
         counts = arrays["counts"].tolist()  # host-side numpy, not a device sync
+        bounds = [
+            attention_bounds(arrays["cu_seqlens"][i], counts[i][2], self.seq_len, self.max_docs)
+            if self.bound_attention else (self.max_docs + 2, self.seq_len)
+            for i in range(len(rows))
+        ]
         return [
             Batch(
                 input_ids=tensors["input_ids"][i], position_ids=tensors["position_ids"][i],
-                labels=tensors["labels"][i], cu_seqlens=tensors["cu_seqlens"][i], max_seqlen=self.seq_len,
-                loss_positions=tensors["loss_positions"][i], num_loss_tokens=counts[i][0], num_tokens=counts[i][1],
-                num_docs=counts[i][2], virtual_tokens=self.virtual_tokens,
+                labels=tensors["labels"][i], cu_seqlens=tensors["cu_seqlens"][i, :bounds[i][0]],
+                max_seqlen=bounds[i][1], loss_positions=tensors["loss_positions"][i], num_loss_tokens=counts[i][0],
+                num_tokens=counts[i][1], num_docs=counts[i][2], virtual_tokens=self.virtual_tokens,
             )
             for i in range(len(rows))
         ]
@@ -352,6 +376,56 @@ class PackedLoader:
         if index > batches:
             raise ValueError(f"{where}: index {index} outside epoch {epoch} of {batches} batches")
         self.epoch, self._index = epoch, index
+
+
+# ------------------------------------------------------------------------------------------------ loss bucket
+
+LOSS_BUCKET_GRANULE = 64  # the bucket is a multiple of this (tensor-core friendly row counts for the lm_head GEMM)
+LOSS_BUCKET_SAMPLE_DOCS = 1 << 16  # documents the choice plans with (a seeded sample; planning is per window)
+LOSS_BUCKET_MAX_EFFICIENCY_DROP = 0.0005  # packing efficiency may fall this much (absolute) below no bucket
+LOSS_BUCKET_MAX_CUT = 0.001  # share of supervised positions the bucket may cut from over-long responses
+
+
+def choose_loss_bucket(eff_len: np.ndarray, supervised: np.ndarray, *, seq_len: int, max_docs: int, window: int,
+                       seed: int, plan_epoch) -> int | None:
+    """The smallest multiple of LOSS_BUCKET_GRANULE that keeps packing within LOSS_BUCKET_MAX_EFFICIENCY_DROP of
+    the bucket-free plan and cuts at most LOSS_BUCKET_MAX_CUT of the supervised positions, measured by planning a
+    seeded sample of the documents (eff_len / supervised: bucket-free effective lengths and supervised positions).
+    None when no bucket below seq_len qualifies (then loss_positions has seq_len entries, as without a bucket).
+
+    The packer already balances supervised positions across rows under a budget, so the bucket can sit near the
+    mean supervised count of a row rather than its maximum; the sample plan measures how near."""
+    n = len(eff_len)
+    if n > LOSS_BUCKET_SAMPLE_DOCS:
+        pick = np.sort(np.random.default_rng(seed).choice(n, LOSS_BUCKET_SAMPLE_DOCS, replace=False))
+        eff_len, supervised = eff_len[pick], supervised[pick]
+    eff_len = np.ascontiguousarray(eff_len, dtype=np.int64)
+    supervised = np.ascontiguousarray(supervised, dtype=np.int64)
+    total_supervised = int(supervised.sum())
+    if total_supervised == 0:
+        return None
+
+    def efficiency(bucket: int | None) -> float:
+        sup = supervised if bucket is None else np.minimum(supervised, bucket)
+        row_ptr, _ = plan_epoch(eff_len, sup, seq_len=seq_len, max_docs=max_docs, loss_bucket=bucket, window=window,
+                                seed=seed, epoch=0, world_size=1, drop_last=False)
+        return int(eff_len.sum()) / max(1, (len(row_ptr) - 1) * seq_len)
+
+    floor = efficiency(None) - LOSS_BUCKET_MAX_EFFICIENCY_DROP
+
+    def acceptable(bucket: int) -> bool:
+        cut = int(np.maximum(supervised - bucket, 0).sum())
+        return cut <= LOSS_BUCKET_MAX_CUT * total_supervised and efficiency(bucket) >= floor
+
+    low, high = 1, -(-seq_len // LOSS_BUCKET_GRANULE)  # in granules; high * granule >= seq_len means no bucket
+    while low < high:  # smallest acceptable (acceptability grows with the bucket)
+        mid = (low + high) // 2
+        if acceptable(mid * LOSS_BUCKET_GRANULE):
+            high = mid
+        else:
+            low = mid + 1
+    bucket = low * LOSS_BUCKET_GRANULE
+    return None if bucket >= seq_len else bucket
 
 
 class _Prefetcher:

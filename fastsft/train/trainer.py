@@ -218,6 +218,7 @@ def make_loader(dataset, cfg: TrainConfig, info: distributed.DistInfo, seed: int
         world_size=info.world_size,
         long_docs=cfg.data.long_docs,
         prefetch=cfg.data.prefetch,
+        loss_bucket="auto",  # loss over the supervised positions only, bucket chosen from the data
     )
 
 
@@ -722,7 +723,9 @@ class Trainer:
         self.say(
             f"fastsft train: {params} on {info.device}{f' x {info.world_size} ranks' if info.enabled else ''}, "
             f"{len(self.train_data)} train documents{val}, {len(self.loader)} rows of {cfg.data.seq_len} tokens "
-            f"per epoch per rank, {cfg.train.gradient_accumulation_steps} rows per step, {self.total_steps} steps, "
+            f"per epoch per rank (loss over {self.loader.bucket} positions per row: "
+            f"{self.loader.stats['lm_head_rows_skipped']:.0%} of lm_head rows skipped), "
+            f"{cfg.train.gradient_accumulation_steps} rows per step, {self.total_steps} steps, "
             f"precision {self.precision}, output {self.out_dir}"
         )
 
