@@ -177,8 +177,8 @@ class PackedLoader:
                 f"PackedLoader: every one of the {len(self.dataset)} documents is longer than seq_len={seq_len} and "
                 "long_docs='drop' drops them all; raise seq_len or use long_docs='truncate'"
             )
-        if not self.supervised.any():
-            raise ValueError(
+        if not self.supervised.any():  # a data problem (ShardError: `fastsft train` reports it as one line)
+            raise ShardError(
                 f"PackedLoader: {self.dataset.files[0] if len(self.dataset.files) == 1 else self.dataset.files}: no "
                 f"supervised token in any of the {len(self.dataset)} documents (every loss-mask byte is 0 after "
                 f"seq_len={seq_len} truncation); training would learn nothing. Check the data's response fields and "
