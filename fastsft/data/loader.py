@@ -389,21 +389,23 @@ LOSS_BUCKET_MAX_CUT = 0.001  # share of supervised positions the bucket may cut 
 def choose_loss_bucket(eff_len: np.ndarray, supervised: np.ndarray, *, seq_len: int, max_docs: int, window: int,
                        seed: int, plan_epoch) -> int | None:
     """The smallest multiple of LOSS_BUCKET_GRANULE that keeps packing within LOSS_BUCKET_MAX_EFFICIENCY_DROP of
-    the bucket-free plan and cuts at most LOSS_BUCKET_MAX_CUT of the supervised positions, measured by planning a
-    seeded sample of the documents (eff_len / supervised: bucket-free effective lengths and supervised positions).
+    the bucket-free plan (measured by planning a seeded sample of LOSS_BUCKET_SAMPLE_DOCS documents) and cuts at
+    most LOSS_BUCKET_MAX_CUT of the supervised positions (counted over all documents). eff_len / supervised: the
+    bucket-free effective lengths and supervised positions per document.
     None when no bucket below seq_len qualifies (then loss_positions has seq_len entries, as without a bucket).
 
     The packer already balances supervised positions across rows under a budget, so the bucket can sit near the
     mean supervised count of a row rather than its maximum; the sample plan measures how near."""
+    all_supervised = np.asarray(supervised, dtype=np.int64)  # the cut is counted over every document
+    total_supervised = int(all_supervised.sum())
+    if total_supervised == 0:
+        return None
     n = len(eff_len)
-    if n > LOSS_BUCKET_SAMPLE_DOCS:
+    if n > LOSS_BUCKET_SAMPLE_DOCS:  # packing is simulated on a sample
         pick = np.sort(np.random.default_rng(seed).choice(n, LOSS_BUCKET_SAMPLE_DOCS, replace=False))
         eff_len, supervised = eff_len[pick], supervised[pick]
     eff_len = np.ascontiguousarray(eff_len, dtype=np.int64)
     supervised = np.ascontiguousarray(supervised, dtype=np.int64)
-    total_supervised = int(supervised.sum())
-    if total_supervised == 0:
-        return None
 
     def efficiency(bucket: int | None) -> float:
         sup = supervised if bucket is None else np.minimum(supervised, bucket)
@@ -414,7 +416,7 @@ def choose_loss_bucket(eff_len: np.ndarray, supervised: np.ndarray, *, seq_len: 
     floor = efficiency(None) - LOSS_BUCKET_MAX_EFFICIENCY_DROP
 
     def acceptable(bucket: int) -> bool:
-        cut = int(np.maximum(supervised - bucket, 0).sum())
+        cut = int(np.maximum(all_supervised - bucket, 0).sum())
         return cut <= LOSS_BUCKET_MAX_CUT * total_supervised and efficiency(bucket) >= floor
 
     low, high = 1, -(-seq_len // LOSS_BUCKET_GRANULE)  # in granules; high * granule >= seq_len means no bucket
