@@ -57,3 +57,36 @@ def replace_dir(staging: str | Path, final: str | Path) -> Path:
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+class DirectoryLock:
+    """An exclusive lock on `path` (a file inside the directory it guards): one process at a time, e.g. one
+    `fastsft train` per output directory. It is an flock(2), which the kernel drops when its process exits, however it
+    exits (kill -9 included), so a crashed run never leaves it stuck; the file keeps the holder's pid for the message.
+    """
+
+    def __init__(self, path: str | Path, what: str = "directory"):
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise BlockingIOError naming the directory and the pid that holds it."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BlockingIOError(f"{self.path.parent} ({self.what}) is in use by another process (pid {holder}); "
+                                  f"wait for it to finish or use another {self.what}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None

@@ -167,11 +167,11 @@ def tiny_config(out_dir: Path, data_dir: Path, **extra):
 
 def final_weights(run_dir: Path) -> dict:
     """The model weights of the newest checkpoint of a run."""
-    from fastsft.train.checkpoint import latest_checkpoint
+    from fastsft.train.checkpoint import latest_checkpoint, load_model_state
 
     path = latest_checkpoint(run_dir)
     assert path is not None, f"no checkpoint in {run_dir}"
-    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    return load_model_state(path)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -231,3 +231,23 @@ def build_hf_tokenizer(directory, kind: str):
     wrapped = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token=bos, eos_token=eos, chat_template=template)
     wrapped.save_pretrained(str(directory))
     return directory
+
+
+def stop_after(trainer, step: int):
+    """Make a built Trainer receive a real SIGTERM while it trains step `step - 1`: the loop reads the flag before
+    the next step, so the run stops, checkpointed, after step `step` (as a signal arriving during that step would)."""
+    import os
+    import signal
+
+    assert step >= 2, "the signal is sent from inside the step before"
+    inner = trainer.train_step
+    calls = {"n": 0}
+
+    def step_then_signal(micro, num_items):
+        calls["n"] += 1
+        if calls["n"] == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(micro, num_items)
+
+    trainer.train_step = step_then_signal
+    return trainer

@@ -68,6 +68,8 @@ def test_unknown_key_is_named_with_a_suggestion(override, expected):
     ("train.precision=fp16", "must be one of auto, bf16, fp32"),
     ("train.torch_compile=maybe", "must be bool"),
     ("data.seq_len=0", "data.seq_len must be > 0"),
+    ("data.seq_len=1", "data.seq_len must be between 2 (a row needs a next token"),  # no supervised token at all
+    (f"data.seq_len={2**31 - 1}", "and 1,048,576 (2**20; the step allocates"),  # passed, then allocated 64 GB
     ("optim.warmup_ratio=1.5", "warmup_ratio"),
     ("seq_len", "not an override"),
 ])

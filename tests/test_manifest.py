@@ -150,7 +150,7 @@ def test_trainer_readers_use_the_validated_manifest(prepared):
     """The trainer's split-size and tokenizer checks go through the same reader: a broken manifest is a ShardError
     (one line from `fastsft train`), not a JSONDecodeError traceback."""
     from fastsft.data.tokenizer import load_tokenizer
-    from fastsft.train.trainer import check_prepared_tokenizer
+    from fastsft.train.build import check_prepared_tokenizer
 
     out, _ = prepared
     (out / MANIFEST_NAME).write_text("{truncated")

@@ -8,13 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config, write_tiny_data
+from helpers import stop_after, tiny_config, write_tiny_data
 
 from fastsft.cli import main
 from fastsft.train import checkpoint as ckpt
+from fastsft.train.build import RunError
+from fastsft.train.evaluation import generation_examples
 from fastsft.train.metrics import read_metrics
 from fastsft.train.run import DEMO_DIR, train
-from fastsft.train.trainer import Trainer, generation_examples
+from fastsft.train.trainer import NonFiniteLossError, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -99,30 +101,24 @@ def test_evaluation_matches_direct_computation(tmp_path, data_dir):
 def _poison_steps(trainer: Trainer, bad_steps: set[int]):
     """Make the loss NaN during the given optimizer steps (1-based) by putting a NaN into the final norm's weight
     for that step only; the step must skip the update."""
-    original_setup = trainer.setup
+    step_fn = trainer.train_step
+    calls = {"n": 0}
 
-    def setup():
-        original_setup()
-        step_fn = trainer.train_step
-        calls = {"n": 0}
-
-        def poisoned(micro, num_items):
-            calls["n"] += 1
-            if calls["n"] not in bad_steps:
-                return step_fn(micro, num_items)
-            weight = trainer.model.norm.weight
-            saved = weight.detach().clone()
+    def poisoned(micro, num_items):
+        calls["n"] += 1
+        if calls["n"] not in bad_steps:
+            return step_fn(micro, num_items)
+        weight = trainer.model.norm.weight
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight[0] = float("nan")
+        try:
+            return step_fn(micro, num_items)
+        finally:  # the skipped step left the weights alone; put the poisoned value back too
             with torch.no_grad():
-                weight[0] = float("nan")
-            try:
-                return step_fn(micro, num_items)
-            finally:  # the skipped step left the weights alone; put the poisoned value back too
-                with torch.no_grad():
-                    weight.copy_(saved)
+                weight.copy_(saved)
 
-        trainer.train_step = poisoned
-
-    trainer.setup = setup
+    trainer.train_step = poisoned
     return trainer
 
 
@@ -135,38 +131,47 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, data_dir):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_nonfinite_in_a_row_stops_with_a_clear_message(tmp_path, data_dir, capsys, monkeypatch):
+def test_nonfinite_in_a_row_stops_with_a_clear_message(tmp_path, data_dir):
     cfg = tiny_config(tmp_path, data_dir, train__max_steps=20, train__max_nonfinite_steps=3)
-    made = []
-    original_init = Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        _poison_steps(self, set(range(4, 100)))
-        made.append(self)
-
-    monkeypatch.setattr(Trainer, "__init__", init)
-    assert train(cfg) == 1
-    err = capsys.readouterr().err
-    assert "not finite for 3 optimizer steps in a row" in err and "optim.learning_rate" in err
-    assert made[0].state.step == 6  # steps 4, 5, 6 were bad: stopped right after the third
+    trainer = _poison_steps(Trainer(cfg), set(range(4, 100)))
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "not finite for 3 optimizer steps in a row" in message and "optim.learning_rate" in message
+    assert trainer.state.step == 6  # steps 4, 5, 6 were bad: stopped right after the third
     assert ckpt.latest_checkpoint(tmp_path) is None
+    assert isinstance(info.value, RunError)  # `fastsft train` prints it as one line, exit code 1
 
 
 def test_early_stopping_keeps_best_checkpoint(tmp_path, data_dir):
     # A learning rate far too high makes the val loss get worse after the first evaluations.
     cfg = tiny_config(tmp_path, data_dir, train__max_steps=40, eval__eval_steps=2, eval__early_stopping_patience=2,
                       optim__learning_rate=0.3, optim__max_grad_norm=0.0, log__save_total_limit=1)
-    summary = Trainer(cfg).fit()
-    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]
-    assert summary["stop_reason"].startswith("early stopping")
-    best = min(evals, key=lambda r: r["val_loss"])
-    assert summary["best_val_loss"] == pytest.approx(best["val_loss"])
-    assert summary["best_checkpoint"].endswith(f"checkpoint-{best['step']:08d}")
-    # Stopped `patience` evaluations after the best one; the best checkpoint survived pruning (limit 1).
-    assert evals[-1]["step"] == best["step"] + 2 * 2 or summary["steps"] == 40
-    steps = [s for s, _ in ckpt.list_checkpoints(tmp_path)]
-    assert best["step"] in steps and summary["steps"] in steps
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    evals = [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    # Where the run must stop, recomputed from the logged evaluations: the second one in a row not below the best.
+    best_loss, best_step, worse, expected_stop = math.inf, None, 0, None
+    for step, loss in evals:
+        if loss < best_loss:
+            best_loss, best_step, worse = loss, step, 0
+        else:
+            worse += 1
+            if worse == 2:
+                expected_stop = step
+                break
+    assert expected_stop is not None and expected_stop < 40, evals  # the setup must really make it stop early
+    assert summary["steps"] == expected_stop and evals[-1][0] == expected_stop
+    assert summary["stop_reason"].startswith("early stopping: val loss did not improve for 2 evaluations")
+    assert summary["best_val_loss"] == best_loss
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step:08d}")
+    # The best checkpoint survived pruning (limit 1) beside the last one, and holds the best weights: evaluating
+    # them again gives the best val loss.
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == sorted({best_step, expected_stop})
+    from fastsft.train.generate_command import load_model
+
+    again = trainer.evaluator(load_model(summary["best_checkpoint"]), best_step)
+    assert again["val_loss"] == pytest.approx(best_loss, rel=1e-6)
 
 
 def test_out_of_memory_names_the_knobs(tmp_path, data_dir, capsys, monkeypatch):
@@ -233,9 +238,9 @@ def test_real_use_hf_model_dir_and_prepared_data(tmp_path, data_dir, capsys):
 
 def test_stopped_run_reports_no_after_evaluation(tmp_path, data_dir):
     """A run stopped (SIGINT) before any evaluation past step 0 must not present the step-0 numbers as "after"."""
-    from fastsft.train.trainer import format_report
+    from fastsft.train.metrics import format_report
 
-    summary = Trainer(tiny_config(tmp_path, data_dir, eval__eval_at_start=True), stop_at_step=2).fit()
+    summary = stop_after(Trainer(tiny_config(tmp_path, data_dir, eval__eval_at_start=True)), 2).fit()
     assert summary["steps"] == 2 and summary["initial_eval"]["step"] == 0
     assert summary["final_eval"] is None
     loss_row = next(line for line in format_report(summary).splitlines() if "held-out loss" in line)
@@ -286,6 +291,22 @@ def test_prepared_directory_of_another_tokenizer_is_refused(tmp_path, data_dir, 
     assert train(cfg) == 1
     err = capsys.readouterr().err
     assert f"{prepared} was prepared with tokenizer 'byte'" in err and "prepare the data again" in err
+    # The same kind of tokenizer with another vocabulary (Llama 3's ids would fit Qwen3's) is refused too.
+    from fastsft.data.tokenizer import load_tokenizer
+
+    prepared_hf = tmp_path / "prepared_hf"
+    prepare_dataset([str(data_dir / "train.jsonl")], str(tmp_path / "hf_tok"), prepared_hf, progress=False)
+    hf_big = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab | {"<extra>": 302}, unk_token="<unk>"))
+    hf_big.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    big = PreTrainedTokenizerFast(tokenizer_object=hf_big, unk_token="<unk>", eos_token="<|end|>")
+    big.chat_template = tok.chat_template
+    big.save_pretrained(tmp_path / "hf_big")
+    assert load_tokenizer(str(tmp_path / "hf_big")).identity()["kind"] == load_tokenizer(str(tmp_path / "hf_tok")).identity()["kind"]
+    cfg = tiny_config(tmp_path / "run2", data_dir, data__train_files=json.dumps([str(prepared_hf)]),
+                      data__val_files="[]", model__tokenizer=str(tmp_path / "hf_big"))
+    assert train(cfg) == 1
+    err = capsys.readouterr().err
+    assert f"{prepared_hf} was prepared with tokenizer" in err and "vocab 302" in err and "vocab 303" in err
     # The same directory with the tokenizer it was prepared with trains.
     cfg = tiny_config(tmp_path / "ok", data_dir, data__train_files=json.dumps([str(prepared)]), data__val_files="[]",
                       train__max_steps=1)

@@ -1,7 +1,9 @@
-"""Training: the compiled train step and the trainer around it.
+"""Training: config -> components -> loop, with checkpoints, evaluation and distribution beside it.
 
-`fastsft.train.step` holds the plain functions applied to a model from outside (freeze, activation checkpointing,
-compile), the optimizer and schedule builders, and `TrainStep` (one optimizer step over packed micro-batches, no host
-sync). The trainer (`fastsft.train.trainer`, `fastsft train` via `fastsft.train.run`) builds on them with its config,
-checkpoints, export and distributed setup.
+`fastsft.train.build` turns a config into the run's components (tokenizer, data, model, loader); `fastsft.train.step`
+holds the plain functions applied to a model from outside (freeze, activation checkpointing, compile), the precision,
+optimizer and schedule, and `TrainStep` (one optimizer step over packed micro-batches, no host sync). The trainer
+(`fastsft.train.trainer`, `fastsft train` via `fastsft.train.run`) runs the loop; `checkpoint` (the only code that
+saves and loads training state), `evaluation`, `metrics`, `signals` and `distributed` sit beside it; `export` turns a
+checkpoint into a Hugging Face model directory.
 """

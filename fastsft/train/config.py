@@ -385,6 +385,9 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
     return cfg
 
 
+MAX_SEQ_LEN = 1 << 20  # one packed row of a million tokens is already far past any model's trained context
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that involve more than one field or a value's range."""
     positive = {
@@ -413,6 +416,11 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 2 <= cfg.data.seq_len <= MAX_SEQ_LEN:
+        raise ConfigError(
+            f"data.seq_len must be between 2 (a row needs a next token to learn from) and {MAX_SEQ_LEN:,} (2**20; the "
+            f"step allocates activations for seq_len tokens), got {cfg.data.seq_len:,}"
+        )
     if cfg.log.save_total_limit < 1:
         raise ConfigError(f"log.save_total_limit must be >= 1 (the last checkpoint is needed to resume), got {cfg.log.save_total_limit}")
     if cfg.optim.learning_rate <= 0:

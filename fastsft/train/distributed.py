@@ -1,5 +1,5 @@
-"""Beyond one device: process group from torchrun's environment, FSDP2 sharding, host-side count all-reduce, sharded
-checkpoints (torch.distributed.checkpoint) and full-weight gathering for export.
+"""Beyond one device: process group from torchrun's environment, FSDP2 sharding, host-side collectives (count
+all-reduce, small objects). Checkpoints, sharded or not, are `fastsft.train.checkpoint`'s.
 
 Sits between model construction and the trainer loop (`fastsft.train.trainer`): the model itself knows nothing of
 distribution; `shard_model` applies `torch.distributed.fsdp.fully_shard` to each transformer block and then the root
@@ -11,8 +11,8 @@ in the environment turn this on). Multi-node, the same command on every node wit
     torchrun --nnodes 2 --nproc_per_node 8 --node_rank <0|1> --rdzv_backend c10d \\
              --rdzv_endpoint <host of node 0>:29500 --rdzv_id <any job id> -m fastsft train --config run.yaml
 
-(or `--master_addr/--master_port` with a static `--node_rank`). OUT must be on a filesystem every node sees: the
-sharded checkpoint is written by every rank into one directory.
+(or `--master_addr/--master_port` with a static `--node_rank`). OUT must be on a filesystem every node sees: every
+rank writes its shard of a checkpoint into one directory.
 
 Loss equivalence: each rank's loss is its summed token loss divided by the GLOBAL count of supervised tokens of the
 optimizer step (all micro-batches, all ranks); FSDP's gradient reduction is set to a plain sum (divide factor 1), so
@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -110,6 +109,15 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's small Python object, in rank order, on every rank ([obj] on one process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=info.host_group)
+    return out
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's Python object on every rank (small things: a checkpoint path, a prepared data directory)."""
     if not info.enabled:
@@ -144,60 +152,3 @@ def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Model + optimizer through torch.distributed.checkpoint: every rank writes its shards into `directory`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
-
-
-def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a save_sharded checkpoint into an already sharded model (and optimizer), resharding as needed."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(directory))
-        set_model_state_dict(model, state["model"])
-        return
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def load_sharded_into_full_model(directory: Path, model: torch.nn.Module) -> None:
-    """One process, no process group: read a sharded checkpoint's model weights into an unsharded model (export)."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
-    model.load_state_dict(state["model"])
-
-
-def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict:
-    """Full (unsharded) model weights on CPU: gathered onto rank 0 when sharded (other ranks get {})."""
-    if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    return state if info.is_main else {}

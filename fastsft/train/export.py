@@ -3,8 +3,9 @@
 Sits after training: `fastsft export --checkpoint OUT/checkpoint-00001000 --out my-model` writes config.json,
 generation_config.json, model.safetensors (or shards + index) and the tokenizer files, which
 `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline. --checkpoint may
-also be a run directory (OUT): its newest checkpoint is exported. Sharded (torchrun) checkpoints are gathered into
-full weights in this one process (torch.distributed.checkpoint, no process group needed).
+also be a run directory (OUT): its newest checkpoint that verifies is exported. The weights come from
+`fastsft.train.checkpoint.load_model_state`: the checkpoint's files are checked against its checksums, and the shards
+of a torchrun run are put back together into full tensors in this one process (no process group, no pickle).
 """
 
 from __future__ import annotations
@@ -13,38 +14,27 @@ import argparse
 import sys
 from pathlib import Path
 
+from fastsft.train import checkpoint as ckpt
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest checkpoint inside a run directory."""
-    from fastsft.train import checkpoint as ckpt
-
-    path = Path(path)
-    if (path / ckpt.STATE_JSON).is_file():
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"--checkpoint {path}: neither a fastsft checkpoint (no {ckpt.STATE_JSON}) nor a run "
-                                f"directory holding {ckpt.PREFIX}* checkpoints")
-    return latest
-
-
 def export_checkpoint(checkpoint, out, dtype: str = "auto", max_shard_size: str = "5GB", tokenizer=None) -> Path:
-    """Write `checkpoint` as a Hugging Face model directory at `out`; returns `out`."""
+    """Write `checkpoint` (a checkpoint or a run directory: its newest checkpoint that verifies) as a Hugging Face
+    model directory at `out`; returns the checkpoint exported."""
     import torch
 
     from fastsft.hf_checkpoint import save_pretrained
-    from fastsft.train.generate_command import load_model, load_tokenizer_for
+    from fastsft.train.generate_command import checkpoint_model, load_tokenizer_for
 
-    checkpoint = resolve_checkpoint(checkpoint)
-    model = load_model(checkpoint, device="cpu")
+    checkpoint = ckpt.resolve(checkpoint)  # read once to verify, once to load
+    model = checkpoint_model(checkpoint)
     tok = load_tokenizer_for(checkpoint, tokenizer)
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     out = Path(out)
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=torch_dtype)
     tok.save_pretrained(out)
-    return out
+    return checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,10 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
+        exported = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.tokenizer)
+    except (FileNotFoundError, ValueError, ckpt.CheckpointError) as e:
         print(f"fastsft export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out} (load with transformers "
+    out = args.out
+    print(f"exported {exported} -> {out} (load with transformers "
           f"AutoModelForCausalLM.from_pretrained('{out}') and AutoTokenizer.from_pretrained('{out}'))")
     return 0

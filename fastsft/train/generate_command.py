@@ -20,14 +20,14 @@ from fastsft.data.tokenizer import load_tokenizer
 from fastsft.generate import generate_batch
 from fastsft.hf_checkpoint import config_from_hf, load_pretrained, read_json
 from fastsft.model import Transformer
-from fastsft.train.distributed import load_sharded_into_full_model
+from fastsft.train import checkpoint as ckpt
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading a model directory or a fastsft checkpoint
 
 
 def is_fastsft_checkpoint(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file()
+    return (path / ckpt.CHECKSUMS).is_file() or ckpt.is_old_format(path)
 
 
 def load_tokenizer_for(path: Path, override: str | None = None):
@@ -51,16 +51,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         raise FileNotFoundError(f"--model {path}: no such directory")
     if not is_fastsft_checkpoint(path):
         return load_pretrained(path, dtype=dtype, device=device)
+    model = checkpoint_model(ckpt.resolve(path))  # verified against its checksums; an older format is an error
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def checkpoint_model(path: Path) -> Transformer:
+    """The model of a (verified) fastsft checkpoint on the CPU: config.json + the full weights, shards put together."""
     config = config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
     model = Transformer(config, device="cpu")
-    if (path / "model.pt").is_file():
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    elif (path / "dcp").is_dir():
-        load_sharded_into_full_model(path / "dcp", model)
-    else:
-        raise FileNotFoundError(f"{path}: a fastsft checkpoint without model.pt or dcp/ (incomplete copy?)")
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.load_state_dict(ckpt.load_model_state(path))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------

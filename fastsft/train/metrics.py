@@ -1,4 +1,5 @@
-"""What a run reports while it goes: progress bar, OUT/metrics.jsonl, TensorBoard, and a loss-curve PNG at the end.
+"""What a run reports: progress bar, OUT/metrics.jsonl, TensorBoard, a loss-curve PNG and the end-of-run report;
+and the measured matmul peak that MFU is divided by (the trainer's and bench/'s, one function).
 
 Sits beside the trainer loop (`fastsft.train.trainer`): the loop hands host numbers (already read from the device
 once per logging interval) to `RunLogger.log`, which appends one JSON object per call to OUT/metrics.jsonl, updates
@@ -13,12 +14,26 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def peak_matmul_flops(device: torch.device | str = "cuda", n: int = 8192) -> float:
+    """Measured dense bf16 matmul rate of a GPU in FLOP/s: the denominator of MFU in the trainer's log and in
+    bench/ (median time of an n x n x n matmul on random data, triton.testing.do_bench after warm-up)."""
+    import triton.testing
+
+    with torch.cuda.device(torch.device(device)):
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        ms = float(triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median"))
+    return 2 * n**3 / (ms * 1e-3)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -35,8 +50,20 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` (the checkpoint a run resumes from; 0 for a fresh start): rows
+    logged after it were of steps trained again now, so each step appears once. Rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step and step > 0]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 class RunLogger:
-    """Progress bar + metrics.jsonl + optional TensorBoard for one run (create only on rank 0)."""
+    """Progress bar + metrics.jsonl + optional TensorBoard for one run (create only on rank 0). metrics.jsonl keeps
+    the rows up to `start_step`, the step a resumed run continues from."""
 
     def __init__(
         self,
@@ -49,6 +76,7 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        _drop_rows_after(self.metrics_path, start_step)
         self._file = open(self.metrics_path, "a", encoding="utf-8")
         self.total_steps = total_steps
         self.bar = None
@@ -131,7 +159,6 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | No
     except Exception:
         return None
     records = read_metrics(metrics_path)
-    # A resumed run appends again the steps logged after its checkpoint: the last record of a step wins.
     train = sorted({r["step"]: r["loss"] for r in records if isinstance(r.get("loss"), (int, float))}.items())
     val = sorted({r["step"]: r["val_loss"] for r in records if isinstance(r.get("val_loss"), (int, float))}.items())
     if not train and not val:
@@ -149,3 +176,35 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | No
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return Path(png_path)
+
+
+def strip_samples(result: dict | None) -> dict | None:
+    return None if result is None else {k: v for k, v in result.items() if k != "samples"}
+
+
+def format_report(summary: dict) -> str:
+    """The end-of-run report: held-out metrics before and after training, time, where things are."""
+    lines = [f"done: {summary['steps']}/{summary['total_steps']} steps in {format_duration(summary['train_time_s'])} "
+             f"of training, {summary['tokens_seen']:,} tokens"]
+    if summary["stop_reason"]:
+        lines.append(f"  ({summary['stop_reason']})")
+    before, after = summary["initial_eval"] or {}, summary["final_eval"] or {}
+    rows = [("held-out loss", "val_loss", "{:.4f}"), ("token accuracy", "val_token_accuracy", "{:.1%}"),
+            ("exact match (greedy)", "exact_match", "{:.1%}")]
+    shown = [(label, key, fmt) for label, key, fmt in rows if key in before or key in after]
+    if shown:
+        # An evaluation older than the last step (a stopped run) is labelled with its step, not "after".
+        after_label = "after" if after.get("step", summary["steps"]) == summary["steps"] else f"step {after['step']}"
+        lines.append(f"  {'':22s} {'before':>10s} {after_label:>10s}")
+        for label, key, fmt in shown:
+            b = fmt.format(before[key]) if key in before else "-"
+            a = fmt.format(after[key]) if key in after else "-"
+            lines.append(f"  {label:22s} {b:>10s} {a:>10s}")
+    if summary["nonfinite_steps"]:
+        lines.append(f"  steps skipped for a non-finite loss: {summary['nonfinite_steps']}")
+    if summary["best_checkpoint"]:
+        lines.append(f"  best checkpoint (val loss {summary['best_val_loss']:.4f}): {summary['best_checkpoint']}")
+    if summary["checkpoint"]:
+        lines.append(f"  last checkpoint: {summary['checkpoint']}")
+        lines.append(f"  export: fastsft export --checkpoint {summary['checkpoint']} --out {summary['output_dir']}/hf")
+    return "\n".join(lines)

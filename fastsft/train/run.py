@@ -11,14 +11,17 @@ loss and exact-match accuracy of greedy answers before and after training.
     torchrun --nproc_per_node 8 -m fastsft train --config run.yaml
 
 Precedence (later wins): built-in defaults (or the demo's), --config file, the flags (--model, --data, ...), key=value.
-Exit codes: 0 done (or stopped by a signal with a checkpoint written), 1 the run failed (message says why), 2 bad
-config or command line.
+Exit codes: 0 done (or stopped by a signal with a checkpoint written), 1 the run failed (one line says why;
+FASTSFT_DEBUG=1 adds the traceback), 2 bad config or command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_data"
@@ -146,6 +149,12 @@ def run(args) -> int:
     return train(cfg, is_demo)
 
 
+def _debug_traceback() -> None:
+    """FASTSFT_DEBUG=1: print the traceback behind a one-line error too."""
+    if os.environ.get("FASTSFT_DEBUG", "") not in ("", "0"):
+        traceback.print_exc()
+
+
 def train(cfg, is_demo: bool = False) -> int:
     """Run training with a resolved config; returns the exit code (errors the user can fix are printed, not raised)."""
     import torch
@@ -153,7 +162,9 @@ def train(cfg, is_demo: bool = False) -> int:
     from fastsft.data.formats import DataError
     from fastsft.data.shards import ShardError
     from fastsft.train import distributed
-    from fastsft.train.trainer import RunError, Trainer, oom_message
+    from fastsft.train.build import RunError, oom_message
+    from fastsft.train.checkpoint import CheckpointError
+    from fastsft.train.trainer import Trainer
 
     info = distributed.init_distributed(cfg.train.device)
     try:
@@ -163,12 +174,21 @@ def train(cfg, is_demo: bool = False) -> int:
         Trainer(cfg, info).fit()
         return 0
     except torch.OutOfMemoryError:
+        _debug_traceback()
         if info.is_main:
             print(f"fastsft train: error: {oom_message(cfg)}", file=sys.stderr)
         return 1
-    except (RunError, DataError, ShardError) as e:
+    except (RunError, DataError, ShardError, CheckpointError) as e:
+        _debug_traceback()
         if info.is_main or info.enabled:
             print(f"fastsft train: error{f' (rank {info.rank})' if info.enabled else ''}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        _debug_traceback()
+        print(f"fastsft train: error: disk full at {e.filename or cfg.output_dir}; free some space and run again "
+              "(it resumes from the last checkpoint)", file=sys.stderr)
         return 1
     finally:
         distributed.cleanup(info)

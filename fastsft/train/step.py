@@ -169,6 +169,47 @@ def _name_matches(name: str, pattern: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes, decided once (`resolve_precision`) and read by the step, the evaluation and FSDP2.
+
+    param_dtype: the model's parameters (the master weights) and so the optimizer state.
+    autocast_dtype: torch.autocast around forward and loss (None: no autocast).
+    fsdp_param_dtype: the dtype FSDP2 all-gathers parameters in for compute (None: as stored; unsharded runs).
+    """
+
+    name: str
+    param_dtype: torch.dtype = torch.float32
+    autocast_dtype: torch.dtype | None = None
+    fsdp_param_dtype: torch.dtype | None = None
+
+    @classmethod
+    def named(cls, name: str) -> Precision:
+        """bf16 = fp32 master weights + bf16 autocast; fp32 = no autocast; pure_bf16 = bf16 parameters, no autocast."""
+        if name not in PRECISIONS:
+            raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+        return {"bf16": cls("bf16", torch.float32, torch.bfloat16), "fp32": cls("fp32"),
+                "pure_bf16": cls("pure_bf16", torch.bfloat16)}[name]
+
+    def autocast(self, device: torch.device | str):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.autocast_dtype)
+
+
+def resolve_precision(requested: str, model_dtype: str, device_type: str, sharded: bool) -> Precision:
+    """train.precision (auto: bf16 on a GPU, fp32 on CPU) and model.dtype (auto/float32: fp32 master weights;
+    bfloat16) -> the run's Precision. Under FSDP2, bf16 compute comes from its param_dtype (no autocast on top);
+    bf16 parameters mean pure bf16 (no autocast)."""
+    mode = requested if requested != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    param_dtype = torch.bfloat16 if model_dtype == "bfloat16" else torch.float32
+    if sharded and mode == "bf16":
+        return Precision("bf16 (FSDP2 param_dtype)", param_dtype, None, torch.bfloat16)
+    if param_dtype == torch.bfloat16:
+        return Precision.named("pure_bf16")
+    return Precision.named(mode)
+
+
 @dataclass
 class StepMetrics:
     """What one optimizer step reports. Tensors stay on the device until the trainer reads them."""
@@ -182,29 +223,25 @@ class StepMetrics:
 class TrainStep:
     """forward + loss + backward per micro-batch, gradient clipping, optimizer and scheduler step.
 
-    precision: "bf16" = torch.autocast to bf16 with the model's (fp32) parameters as master weights and fp32
-    optimizer state; "fp32" = no autocast; "pure_bf16" = parameters (and so optimizer state) in bf16, no autocast.
+    precision: a `Precision`, or its name: "bf16" = torch.autocast to bf16 with the model's (fp32) parameters as
+    master weights and fp32 optimizer state; "fp32" = no autocast; "pure_bf16" = parameters (and so optimizer
+    state) in bf16, no autocast.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
-                 max_grad_norm: float | None = 1.0, precision: str = "bf16"):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+                 max_grad_norm: float | None = 1.0, precision: str | Precision = "bf16"):
+        if isinstance(precision, str):
+            precision = Precision.named(precision)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.max_grad_norm = max_grad_norm
         self.precision = precision
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         if not self.params:
             raise ValueError("TrainStep: the optimizer has no parameters")
-        if precision == "pure_bf16" and any(p.dtype != torch.bfloat16 for p in self.params):
+        if precision.param_dtype == torch.bfloat16 and any(p.dtype != torch.bfloat16 for p in self.params):
             raise ValueError("precision='pure_bf16' wants bf16 parameters: call model.to(torch.bfloat16) before "
                              "building the optimizer, or use precision='bf16' (fp32 master weights)")
         self.exact_skip = all(group.get("fused") for group in optimizer.param_groups)
-
-    def _autocast(self, device: torch.device):
-        if self.precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def __call__(self, micro_batches: list[Batch], num_items=None) -> StepMetrics:
         if not micro_batches:
@@ -219,7 +256,7 @@ class TrainStep:
         for i, batch in enumerate(micro_batches):
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last one only
                 self.model.set_requires_gradient_sync(i == last)
-            with self._autocast(device):
+            with self.precision.autocast(device):
                 loss, correct = self.model.loss(batch, num_items=divisor, return_num_correct=True)
             loss.backward()
             total_loss += loss.detach().float()
