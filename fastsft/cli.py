@@ -11,7 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "prepare": ("fastsft.data.prepare", "tokenize instruction data into memory-mapped shards with a loss mask"),
+    "prepare": ("fastsft.data.prepare", "tokenize instruction data into verified shards with a loss mask"),
     "train": ("fastsft.train.run", "run supervised fine-tuning (no arguments: the built-in demo)"),
     "export": ("fastsft.train.export", "write a checkpoint as a Hugging Face model directory"),
     "generate": ("fastsft.train.generate_command", "generate text from a model directory or checkpoint"),

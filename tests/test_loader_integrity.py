@@ -28,7 +28,7 @@ def write_shards(out_dir, n_docs=300, vocab_size=1000, mask=None, seed=None):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_truncated_in_place_is_an_error_not_sigbus(tmp_path, backend, prefetch):
-    """Today's memory-mapped reader died with SIGBUS (rc -7 / 135) here; run in a subprocess so a crash fails the
+    """The former memory-mapped reader died with SIGBUS (rc -7 / 135) here; run in a subprocess so a crash fails the
     test instead of killing pytest."""
     path = write_shards(tmp_path)
     script = textwrap.dedent(f"""

@@ -1,4 +1,4 @@
-"""Data: `fastsft prepare` (records -> token ids + loss mask -> memory-mapped shards) and the packing loader
+"""Data: `fastsft prepare` (records -> token ids + loss mask -> checksummed shards) and the packing loader
 (C++ best-fit-decreasing packing -> fixed-shape `Batch` rows for FlashAttention varlen).
 
 Exports are resolved lazily so importing `fastsft.data` stays cheap.

@@ -1,8 +1,10 @@
-"""`PackedLoader`: memory-mapped shards -> packed, fixed-shape `Batch` rows (the batch contract, fastsft/data/batch.py).
+"""`PackedLoader`: verified shards -> packed `Batch` rows (the batch contract, fastsft/data/batch.py).
 
-Flow: open_shards -> effective lengths (once) -> plan of the epoch (seeded shuffle, best-fit-decreasing per window,
-rank split; once per epoch) -> batch assembly in a background thread (C++ `fastsft._C`, GIL released, into pinned
-memory when CUDA is present) -> Batch -> the train step.
+Flow: open_shards (verified; read with pread, never mapped) -> effective lengths and supervised positions (once) ->
+[loss_bucket="auto": choose_loss_bucket] -> plan of the epoch (seeded shuffle, best-fit-decreasing per window under
+the row and loss-bucket budgets, rank split; once per epoch) -> batch assembly in a background thread (C++
+`fastsft._C`, GIL released, each document checked against the vocabulary, into pinned memory when CUDA is present)
+-> attention bounds per row -> Batch -> the train step.
 
 The C++ backend and the numpy reference (`backend="numpy"`, fastsft/data/packing_ref.py) give byte-identical batches.
 Resume: `state_dict()` records (epoch, batches consumed in it); the plan is a pure function of (seed, epoch, config),

@@ -1,4 +1,4 @@
-"""Tokenize instruction data into memory-mapped shards with a loss mask (`fastsft prepare`).
+"""Tokenize instruction data into checksummed shards with a loss mask (`fastsft prepare`).
 
 Flow: input files or folders -> `sources` (record readers: .jsonl/.json, gzip, parquet, `datasets` folders, streamed
 in batches) -> `formats` (records -> conversations or texts) -> `tokenizer` (ids + loss mask, in N worker
