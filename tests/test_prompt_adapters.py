@@ -225,6 +225,28 @@ def test_attention_with_separate_key_offsets(backend):
         assert rel_err(ours, theirs) < 1e-6
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "torch_varlen", "sdpa"])
+def test_cuda_backends_take_separate_key_offsets(backend):
+    """The FlashAttention kernels (bf16, CUDA) with cu_seqlens_k against the fp32 loop reference: the end-aligned
+    causal rule of fastsft.attention is the kernels' own."""
+    from fastsft import attention
+
+    if backend not in attention.available_backends("cuda", torch.bfloat16):
+        pytest.skip(f"{backend} not available here")
+    q_lengths, prefix = [100, 1, 257, 0, 31], 20
+    k_lengths = [m + prefix for m in q_lengths]
+    q = torch.randn(sum(q_lengths), 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(k_lengths), 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(k_lengths), 2, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, *torch.tensor(q_lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(k_lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = attention.varlen_attention(q, k, v, cu, 257, backend=backend, cu_seqlens_k=cu_k, max_seqlen_k=277)
+    ref = attention.varlen_attention(q.float(), k.float(), v.float(), cu, 257, backend="loop", cu_seqlens_k=cu_k,
+                                     max_seqlen_k=277)
+    assert rel_err(out.float(), ref) < 2e-2
+
+
 def test_prefix_key_layout_puts_the_prefix_before_every_segment():
     from fastsft.adapters.prefix import prefix_key_layout
 
@@ -391,3 +413,18 @@ def test_generate_command_applies_an_adapter(tmp_path, capsys):
     (plain,) = generate_batch(load_pretrained(tmp_path / "hf").eval(), [byte.encode("abc")], 6,
                               stop_ids=byte.stop_ids)
     assert plain != expected
+
+
+@pytest.mark.parametrize("method", ["p_tuning_lstm", "prefix_projection"])
+def test_activation_checkpointing_same_prompt_gradients(method, tmp_path):
+    from fastsft.train.step import apply_activation_checkpointing
+
+    _, ours = peft_and_ours("llama", method, 3, tmp_path)
+    batch = make_row(random_docs([7, 12]), 32, ours.prompt_adapter.row_tokens)
+    ours.loss(batch).backward()
+    plain = prompt_grads(ours.prompt_adapter)
+    ours.prompt_adapter.zero_grad(set_to_none=True)
+    apply_activation_checkpointing(ours)
+    ours.loss(batch).backward()
+    for name, grad in prompt_grads(ours.prompt_adapter).items():
+        assert rel_err(grad, plain[name]) < 1e-6, name
