@@ -204,6 +204,19 @@ def build_prompt_adapter(model, config: PromptConfig, init_token_ids: list[int] 
     return adapter.to(device=device, dtype=torch.float32)
 
 
+def prompt_config_from_section(section, key: str = "adapter") -> PromptConfig:
+    """The PromptConfig of the train config's `adapter` section (fastsft.adapters.config.AdapterSection); an invalid
+    combination is a ValueError naming the `adapter.*` option."""
+    try:
+        return PromptConfig(method=section.method, num_virtual_tokens=section.num_virtual_tokens,
+                            init=section.prompt_init, init_text=section.prompt_init_text,
+                            encoder_type=section.encoder_type, encoder_hidden_size=section.encoder_hidden_size or None,
+                            encoder_num_layers=section.encoder_num_layers, prefix_projection=section.prefix_projection)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e} (options {key}.num_virtual_tokens, {key}.prompt_init, {key}.prompt_init_text, "
+                         f"{key}.encoder_type, {key}.encoder_hidden_size)") from None
+
+
 def apply_prompt_adapter(model, config: PromptConfig | nn.Module, init_token_ids: list[int] | None = None,
                          seed: int = 0) -> nn.Module:
     """Freeze every base parameter of `model` and attach the adapter (built from `config`, or a module already

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from fastsft.adapters.prompt import PrefixTuning, PromptConfig, PromptTuning, PTuning, apply_prompt_adapter
+from fastsft.adapters.prompt import (
+    PrefixTuning,
+    PromptConfig,
+    PromptTuning,
+    PTuning,
+    apply_prompt_adapter,
+    prompt_config_from_section,
+    text_init_ids,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -129,3 +137,17 @@ def load_peft_prompt_adapter(model, path) -> torch.nn.Module:
     with torch.no_grad():
         adapter.embedding.weight.copy_(embeddings.float())
     return apply_prompt_adapter(model, adapter.to(device=device, dtype=torch.float32))
+
+
+def build_from_section(model, section, tokenizer=None, seed: int = 0, key: str = "adapter") -> torch.nn.Module:
+    """Attach the prompt adapter the `adapter` section asks for (from `section.init_from`, a PEFT directory, when
+    set); `tokenizer` encodes prompt_init_text for init 'text'. Returns the adapter."""
+    if section.init_from:
+        return load_peft_prompt_adapter(model, section.init_from)
+    config = prompt_config_from_section(section, key)
+    ids = None
+    if config.init == "text":
+        if tokenizer is None:
+            raise ValueError(f"{key}.prompt_init=text needs the run's tokenizer")
+        ids = text_init_ids(tokenizer.encode(config.init_text), config.num_virtual_tokens)
+    return apply_prompt_adapter(model, config, init_token_ids=ids, seed=seed)
