@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import SMALL, VOCAB, rel_err, spread_weights
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from fastsft.adapters.prompt import PromptConfig, apply_prompt_adapter
@@ -19,9 +20,6 @@ from fastsft.hf_checkpoint import load_pretrained
 
 peft = pytest.importorskip("peft")
 
-VOCAB = 96
-SMALL = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=True, num_key_value_heads=1)),
@@ -44,16 +42,6 @@ METHODS = {
                           lambda n: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
                                                             prefix_projection=True, encoder_hidden_size=20)),
 }
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-
-def spread_weights(model: torch.nn.Module, std: float = 0.15) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))
 
 
 def base_pair(arch, tmp_path):
