@@ -151,6 +151,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def shared_input_projections(x: torch.Tensor, projections) -> list[torch.Tensor]:
+    """The outputs of projections that read the same input (q/k/v, gate/up). Plain nn.Linear run one by one; an
+    adapted projection (`fastsft.adapters.lora.LoRALinear`) has `project_group`, which computes the whole group's
+    low-rank A-products as one GEMM."""
+    for projection in projections:
+        if hasattr(projection, "project_group"):
+            return projection.project_group(x, projections)
+    return [projection(x) for projection in projections]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -166,9 +176,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, prefix=None) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = shared_input_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -192,7 +203,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_projections(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
