@@ -442,3 +442,34 @@ def test_gpu_patched_training_step_needs_less_memory():
     print(f"peak above weights: transformers {ref_peak / 2**20:.0f} MiB, fastsft-patched {patched_peak / 2**20:.0f} "
           f"MiB ({patched_peak / ref_peak:.2f}x)")
     assert patched_peak < 0.5 * ref_peak
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_apply_on_peft_wrapped_model_same_loss_and_adapter_grads(use_dora):
+    """apply(get_peft_model(model)) patches the transformers model inside the PEFT wrapper: fastsft norms and fused
+    loss run under LoRA/DoRA layers, with the loss and every adapter gradient of the unpatched PEFT model."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"], use_dora=use_dora)
+    reference = peft.get_peft_model(tiny_model("qwen3"), config)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    patched = copy.deepcopy(reference)
+    assert fit.apply(patched) is patched and fit.is_applied(patched)
+    assert any(isinstance(m, RMSNorm) for m in patched.modules())
+    batch = padded_batch(random_features([9, 13], [3, 4]))
+    results = []
+    for model in (reference, patched):
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (ref_out, ref_grads), (out, grads) = results
+    assert out.logits is None and ref_out.logits is not None  # the fused loss really ran under PEFT
+    torch.testing.assert_close(out.loss, ref_out.loss, **TOL)
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
+    fit.revert(patched)
+    assert not fit.is_applied(patched) and not any(isinstance(m, RMSNorm) for m in patched.modules())

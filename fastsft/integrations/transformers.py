@@ -76,8 +76,21 @@ class _PatchState:
 def apply(model: nn.Module, rms_norm: bool = True, loss: bool = True) -> nn.Module:
     """Patch `model` in place to use fastsft's RMSNorm and fused linear cross-entropy; returns the same model.
 
-    Applying twice is harmless, and `revert(model)` undoes it. Call it before wrapping the model (PEFT, DDP, FSDP,
-    torch.compile): it patches the transformers model object itself."""
+    Applying twice is harmless, and `revert(model)` undoes it. A PEFT-wrapped model (`peft.get_peft_model`,
+    `PeftModel.from_pretrained`) is patched through to its transformers model, whose forward PEFT calls: LoRA/DoRA
+    layers stay as they are, the norms and the loss become fastsft's. Otherwise call it before wrapping (DDP, FSDP,
+    torch.compile): it patches the transformers model object itself. Returns the model it was given."""
+    _apply(_unwrap_peft(model), rms_norm, loss)
+    return model
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (PeftModel -> LoraModel -> *ForCausalLM), else `model`."""
+    get_base_model = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if callable(get_base_model) else model
+
+
+def _apply(model: nn.Module, rms_norm: bool, loss: bool) -> None:
     classes = _architecture_classes(model)
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
@@ -87,14 +100,19 @@ def apply(model: nn.Module, rms_norm: bool = True, loss: bool = True) -> nn.Modu
         _swap_rms_norms(model, classes["rms_norm"], state)
     if loss and not state.loss_patched:
         _patch_forward(model, state)
-    return model
 
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo `apply`: the original RMSNorm modules (holding the current weight Parameters) and the original forward."""
+    wrapper, model = model, _unwrap_peft(model)
+    _revert(model)
+    return wrapper
+
+
+def _revert(model: nn.Module) -> None:
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
-        return model
+        return
     if state.loss_patched:
         if not _forward_is_ours(model):
             raise RuntimeError(
@@ -111,11 +129,10 @@ def revert(model: nn.Module) -> nn.Module:
         original.weight = getattr(parent, child_name).weight  # keep the Parameter the optimizer may hold
         setattr(parent, child_name, original)
     del model.__dict__[_STATE_ATTR]
-    return model
 
 
 def is_applied(model: nn.Module) -> bool:
-    return _STATE_ATTR in model.__dict__
+    return _STATE_ATTR in _unwrap_peft(model).__dict__
 
 
 def causal_lm_loss(
