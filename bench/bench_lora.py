@@ -166,10 +166,11 @@ def projection_runs(shape: dict, tokens: int, device) -> dict:
 
     from fastsft.adapters import AdapterSection
     from fastsft.adapters.lora import apply_adapters
+    from fastsft.hf_checkpoint import config_from_hf
     from fastsft.model import Transformer, shared_input_projections
 
     one_layer = {**shape, "num_hidden_layers": 1}
-    ours = Transformer.from_config(one_layer, device=device, seed=0)
+    ours = Transformer.from_config(config_from_hf(one_layer), device=device, seed=0)
     apply_adapters(ours, AdapterSection(method="lora", rank=RANK, alpha=ALPHA, target_modules=TARGETS))
     hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in one_layer.items() if k != "model_type"})).to(device)
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))

@@ -330,3 +330,20 @@ def storage_bytes(tensor: torch.Tensor) -> int:
                  tensor.nf4)
         return sum(t.numel() * t.element_size() for t in inner)
     return tensor.numel() * tensor.element_size()
+
+
+def adapter_state(model) -> dict:
+    """What a checkpoint keeps of an adapted model: the trainable tensors only (adapters + modules_to_save)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state(model, state: dict, where: str = "checkpoint") -> None:
+    """Load `adapter_state` output back; the keys must be exactly the model's trainable parameters."""
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{where}: adapter tensors do not match the adapted model (same adapter.* options?): "
+                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            model.get_parameter(name).copy_(tensor)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastsft.adapters.config import BLOCK_LINEARS, AdapterSection
-from fastsft.adapters.lora import adapted_modules, block_linears, merge_adapters
+from fastsft.adapters.config import BLOCK_LINEARS, LORA_METHODS, AdapterSection
+from fastsft.adapters.lora import adapted_modules, apply_adapters, block_linears, load_adapter_state, merge_adapters
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -125,6 +125,21 @@ def save_peft_adapter(model: nn.Module, section: AdapterSection, out: str | Path
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def build_adapters(model, section: AdapterSection, base_dtype=None, key: str = "adapter"):
+    """(model, the section actually used): `model` turned into frozen base + adapters in place. With
+    `section.init_from` the shapes (rank, targets, modules_to_save...) come from that PEFT directory and its tensors
+    are loaded; otherwise adapters start at PEFT's init (step 0 equals the base)."""
+    if section.method not in LORA_METHODS:
+        raise ValueError(f"{key}.method={section.method!r}: build_adapters builds {', '.join(LORA_METHODS)}")
+    if section.init_from:
+        section = section_from_adapter_dir(section.init_from, model, section)
+        apply_adapters(model, section, base_dtype, key)
+        load_peft_adapter(model, section.init_from)
+    else:
+        apply_adapters(model, section, base_dtype, key)
+    return model, section
 
 
 def read_adapter_config(directory: str | Path) -> dict:
@@ -258,8 +273,6 @@ def adapter_run_config(checkpoint: str | Path) -> dict | None:
     else None."""
     import yaml
 
-    from fastsft.adapters.config import LORA_METHODS
-
     path = Path(checkpoint) / "config.yaml"
     if not path.is_file():
         return None
@@ -270,7 +283,6 @@ def adapter_run_config(checkpoint: str | Path) -> dict | None:
 def load_adapter_checkpoint(checkpoint: str | Path, device="cpu", base: str | Path | None = None):
     """(model, adapter section, base directory) of a fastsft checkpoint that holds only adapters: the base model
     is loaded from the run's model.path (or `base`), the adapters rebuilt and their trained tensors loaded."""
-    from fastsft.adapters import build_adapters, load_adapter_state
     from fastsft.hf_checkpoint import load_pretrained
 
     checkpoint = Path(checkpoint)
@@ -293,8 +305,6 @@ def load_adapter_checkpoint(checkpoint: str | Path, device="cpu", base: str | Pa
 def apply_peft_dir(model: nn.Module, directory: str | Path, method: str | None = None) -> AdapterSection:
     """Put the PEFT adapter of `directory` on `model` (a base Transformer), in place; returns the section used.
     `method` qlora keeps the base in NF4; default: lora or dora as the adapter says."""
-    from fastsft.adapters import build_adapters
-
     use_dora = bool(read_adapter_config(directory).get("use_dora", False))
     section = AdapterSection(method=method or ("dora" if use_dora else "lora"), init_from=str(directory))
     return build_adapters(model, section)[1]
