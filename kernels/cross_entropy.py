@@ -52,8 +52,9 @@ def _block_values(row_ptr, start, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, MA
                   BLOCK: tl.constexpr):
     """(cols, valid, z) for one block of a row: z = the softcapped logits in fp32, -inf past the row's end.
 
-    Full blocks load without a mask: a mask `cols < n_cols` is constant only over runs that divide n_cols, so for
-    an odd vocabulary (50257) it forces scalar loads and stores on every block, not just the last one."""
+    MASKED=False loads a full block without a mask: Triton keeps a mask `cols < n_cols` constant only over runs that
+    divide n_cols, so for an odd vocabulary (50257) a masked loop makes every load and store scalar, not just the
+    last block's (see SPLIT_FULL_BLOCKS in the kernel)."""
     cols = start + tl.arange(0, BLOCK)
     if MASKED:
         valid = cols < n_cols
@@ -71,7 +72,11 @@ def _block_values(row_ptr, start, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, MA
 def _lse_block(row_ptr, start, n_cols, label, softcap, running_max, running_sum, sum_z, z_label, best, best_col,
                HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, WRITE_HIT: tl.constexpr,
                MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    """Sweep 1 over one block: the online max / sum of exp, the label's logit, the sum of z, the first argmax."""
+    """Sweep 1 over one block: the online max / sum of exp, the label's logit, the sum of z, the first argmax.
+
+    The label's logit is taken here, from the block already in registers, by the one block that holds it: reading it
+    back from memory after the sweep would race with the gradient sweep when GRAD is this same buffer (other warps
+    may already have overwritten it), and would cost a second read."""
     cols, valid, z = _block_values(row_ptr, start, n_cols, softcap, HAS_SOFTCAP, MASKED, BLOCK)
     block_max = tl.max(z, axis=0)
     if WRITE_HIT:
@@ -81,10 +86,8 @@ def _lse_block(row_ptr, start, n_cols, label, softcap, running_max, running_sum,
         best = tl.maximum(best, block_max)
     new_max = tl.maximum(running_max, block_max)
     running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-    # The label's logit is taken here, from the block already in registers: reading it back from memory after this
-    # sweep would race with the gradient sweep when GRAD is this same buffer (another warp may already have
-    # overwritten it), and would cost a second read.
-    z_label += tl.sum(tl.where((cols == label) & valid, z, 0.0), axis=0)
+    if (label >= start) & (label < start + BLOCK):
+        z_label = tl.sum(tl.where((cols == label) & valid, z, 0.0), axis=0)
     if HAS_SMOOTHING:
         sum_z += tl.sum(tl.where(valid, z, 0.0), axis=0)
     return new_max, running_sum, sum_z, z_label, best, best_col
@@ -119,14 +122,17 @@ def _cross_entropy_kernel(
     WRITE_HIT: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr,
+    SPLIT_FULL_BLOCKS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = LOGITS + row * stride_logits
     grad_row = GRAD + row * stride_grad
     label = tl.load(LABELS + row * stride_labels)
-    # Every sweep: the full blocks unmasked, then the partial last block (if any) masked.
-    n_full = (n_cols // BLOCK) * BLOCK
+    # Every sweep: with SPLIT_FULL_BLOCKS (a vocabulary that is not a multiple of 16) the full blocks unmasked, then
+    # the partial last block masked; else every block masked (the mask is then constant over 16-column runs, loads
+    # and stores stay vectorised, and one loop body keeps fewer registers).
+    n_full = (n_cols // BLOCK) * BLOCK if SPLIT_FULL_BLOCKS else 0
 
     if label == ignore_index:
         # Nothing to read: filler and prompt rows cost one scalar load (plus zeroing their gradient row).
@@ -137,10 +143,11 @@ def _cross_entropy_kernel(
             tl.store(HIT + row, 0)
         if WRITE_GRAD:
             zeros = tl.zeros([BLOCK], dtype=tl.float32).to(GRAD.dtype.element_ty)
-            for start in range(0, n_full, BLOCK):
-                tl.store(grad_row + start + tl.arange(0, BLOCK), zeros)
-            if n_full < n_cols:
-                cols = n_full + tl.arange(0, BLOCK)
+            if SPLIT_FULL_BLOCKS:
+                for start in range(0, n_full, BLOCK):
+                    tl.store(grad_row + start + tl.arange(0, BLOCK), zeros)
+            for start in range(n_full, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
                 tl.store(grad_row + cols, zeros, mask=cols < n_cols)
         return
 
@@ -152,13 +159,14 @@ def _cross_entropy_kernel(
         z_label = 0.0
         best = float("-inf")
         best_col = 0
-        for start in range(0, n_full, BLOCK):
+        if SPLIT_FULL_BLOCKS:
+            for start in range(0, n_full, BLOCK):
+                running_max, running_sum, sum_z, z_label, best, best_col = _lse_block(
+                    logits_row, start, n_cols, label, softcap, running_max, running_sum, sum_z, z_label, best,
+                    best_col, HAS_SOFTCAP, HAS_SMOOTHING, WRITE_HIT, False, BLOCK)
+        for start in range(n_full, n_cols, BLOCK):
             running_max, running_sum, sum_z, z_label, best, best_col = _lse_block(
                 logits_row, start, n_cols, label, softcap, running_max, running_sum, sum_z, z_label, best, best_col,
-                HAS_SOFTCAP, HAS_SMOOTHING, WRITE_HIT, False, BLOCK)
-        if n_full < n_cols:
-            running_max, running_sum, sum_z, z_label, best, best_col = _lse_block(
-                logits_row, n_full, n_cols, label, softcap, running_max, running_sum, sum_z, z_label, best, best_col,
                 HAS_SOFTCAP, HAS_SMOOTHING, WRITE_HIT, True, BLOCK)
         lse = running_max + tl.log(running_sum)
         loss = lse - z_label
@@ -186,11 +194,12 @@ def _cross_entropy_kernel(
         if HAS_SMOOTHING:
             label_coef = scale * (1.0 - label_smoothing)
             uniform = scale * label_smoothing / n_cols
-        for start in range(0, n_full, BLOCK):
+        if SPLIT_FULL_BLOCKS:
+            for start in range(0, n_full, BLOCK):
+                _grad_block(logits_row, grad_row, start, n_cols, label, softcap, lse, p_scale, label_coef, uniform,
+                            HAS_SOFTCAP, False, BLOCK)
+        for start in range(n_full, n_cols, BLOCK):
             _grad_block(logits_row, grad_row, start, n_cols, label, softcap, lse, p_scale, label_coef, uniform,
-                        HAS_SOFTCAP, False, BLOCK)
-        if n_full < n_cols:
-            _grad_block(logits_row, grad_row, n_full, n_cols, label, softcap, lse, p_scale, label_coef, uniform,
                         HAS_SOFTCAP, True, BLOCK)
 
 
@@ -242,6 +251,7 @@ def cross_entropy_rows(
         WRITE_HIT=hit is not None,
         WRITE_GRAD=grad is not None,
         HAS_ROW_SCALE=row_scale is not None,
+        SPLIT_FULL_BLOCKS=n_cols % 16 != 0,
         BLOCK=block,
         num_warps=num_warps,
     )

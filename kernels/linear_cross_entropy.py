@@ -11,7 +11,7 @@ else WEIGHT_SLICE_ROWS rows at a time cast to hidden's dtype into one reused buf
     kernel sweep 1: loss, lse, argmax hit per row (fastsft.kernels.cross_entropy, fp32 arithmetic)
     kernel sweep 2: d loss / d logits written over the logits in the same buffer
     dh_c  = sum over slices dlogits[:, slice] @ W_slice    (fp32 accumulator [C, H] when there are several slices)
-    dW[slice] += dlogits[:, slice]^T @ h_c                  accumulated in fp32 (`_GradSinks`)
+    dW[slice] += dlogits[:, slice]^T @ h_c                  in the returned gradient (`_GradSinks`)
     db   += column sums of dlogits                          fp32
 `fused_forward` does this while computing the loss (gradients of sum(losses), so the backward of a "sum"/"mean" loss
 only multiplies them by one scalar: 6 x N x H x V FLOPs in all, the floor). `fused_backward` recomputes each chunk's
@@ -19,9 +19,8 @@ logits with lse saved by the forward and per-row upstream gradients (for reducti
 different weights): 8 x N x H x V FLOPs.
 
 Memory beyond the inputs and the returned gradients: the one [C, V] logits buffer (at most the chunk budget); with a
-wider weight, one [WEIGHT_SLICE_ROWS, H] 16-bit slice and a [C, H] fp32 d hidden accumulator; with a 16-bit weight and
-more than one chunk, the fp32 d weight accumulator (V x H x 4 bytes). An fp32 weight's gradient is its own fp32
-accumulator: no [V, H] temporary at all. The budget is FASTSFT_LCE_CHUNK_MB, else `chunk_budget_bytes` (free device
+wider weight, one [WEIGHT_SLICE_ROWS, H] 16-bit slice and a [C, H] fp32 d hidden accumulator. d weight accumulates in
+the returned gradient itself (see `_GradSinks`): no [V, H] temporary at all. The budget is FASTSFT_LCE_CHUNK_MB, else `chunk_budget_bytes` (free device
 memory, capped); fewer, larger chunks mean fewer passes of the dW GEMM over its accumulator.
 
 Masked tokens: rows labelled ignore_index skip both kernel sweeps (one scalar load and a zeroed gradient row), but
@@ -137,19 +136,24 @@ def _weight_slices(weight: torch.Tensor, dtype: torch.dtype):
 
 
 class _GradSinks:
-    """Where each chunk's d logits goes: rows of d hidden, the d weight accumulator, the d bias accumulator."""
+    """Where each chunk's d logits goes: rows of d hidden, d weight, the d bias accumulator.
 
-    def __init__(self, dhidden, dweight, dbias, n_chunks: int, n_slices: int, chunk_rows: int,
-                 compute_dtype: torch.dtype):
+    d weight sums one product per chunk. An fp32 weight's gradient is its own fp32 accumulator. A weight in the
+    GEMMs' 16-bit dtype takes the first chunk's product and then accumulates in place (cuBLAS adds in fp32 and rounds
+    once per chunk, as Liger does): an fp32 accumulator would be V x H x 4 bytes more (2.1 GB at V=128256,
+    H=4096), over the op's memory target; pass the fp32 master weight for fp32 accumulation. Only a 16-bit weight in
+    another 16-bit dtype than hidden's gets an fp32 accumulator."""
+
+    def __init__(self, dhidden, dweight, dbias, n_slices: int, chunk_rows: int, compute_dtype: torch.dtype):
         self.dhidden, self.dweight, self.dbias = dhidden, dweight, dbias
         self.dweight_acc = None
+        self.first_chunk = True
         if dweight is not None:
             if dweight.dtype == torch.float32:
-                self.dweight_acc = dweight.zero_()  # an fp32 weight's gradient is its own accumulator
-            elif n_chunks != 1 or dweight.dtype != compute_dtype:
-                # 16-bit weights: summing per-chunk products in 16 bits would round once per chunk; an fp32
-                # accumulator costs V x H x 4 bytes for the duration of the call. (No chunks at all: it is the
-                # zeros that get copied out.)
+                self.dweight_acc = dweight.zero_()
+            elif dweight.dtype == compute_dtype:
+                self.dweight_acc = dweight  # written by the first chunk, then accumulated into
+            else:
                 self.dweight_acc = torch.zeros(dweight.shape, device=dweight.device, dtype=torch.float32)
         self.dhidden_acc = None
         if dhidden is not None and n_slices > 1:
@@ -169,18 +173,22 @@ class _GradSinks:
                 else:
                     _addmm_fp32_(dh_acc, d, w)
             if self.dweight is not None:
-                if self.dweight_acc is None:  # one chunk, 16-bit weight: a single GEMM, fp32 inside cuBLAS
-                    torch.mm(d.t(), h_chunk, out=self.dweight[v0:v1])
-                elif self.dweight_acc.dtype == d.dtype:
-                    self.dweight_acc[v0:v1].addmm_(d.t(), h_chunk)
+                acc = self.dweight_acc[v0:v1]
+                if acc.dtype != d.dtype:
+                    _addmm_fp32_(acc, d.t(), h_chunk)
+                elif self.first_chunk and acc.dtype != torch.float32:
+                    torch.mm(d.t(), h_chunk, out=acc)
                 else:
-                    _addmm_fp32_(self.dweight_acc[v0:v1], d.t(), h_chunk)
+                    acc.addmm_(d.t(), h_chunk)
+        self.first_chunk = False
         if dh_acc is not None:
             self.dhidden[start:stop].copy_(dh_acc)
         if self.dbias_acc is not None:
             self.dbias_acc += dlogits.sum(0, dtype=torch.float32)
 
     def finish(self) -> None:
+        if self.first_chunk and self.dweight is not None:  # no rows at all: nothing was written
+            self.dweight_acc.zero_()
         if self.dweight_acc is not None and self.dweight_acc is not self.dweight:
             self.dweight.copy_(self.dweight_acc)
         if self.dbias_acc is not None:
@@ -188,7 +196,7 @@ class _GradSinks:
 
 
 def _logit_chunks(hidden, weight_slices, vocab: int, bias):
-    """Plan the chunks of rows (from the memory budget) and return (generator, number of chunks, rows per chunk).
+    """Plan the chunks of rows (from the memory budget) and return (generator, rows per chunk).
     The generator yields (start, stop, hidden rows, their logits) with every chunk's logits written into one reused
     buffer, so at most chunk x V logits exist at a time (rows padded to `padded_row_stride`; cuBLAS writes through
     the stride)."""
@@ -208,14 +216,14 @@ def _logit_chunks(hidden, weight_slices, vocab: int, bias):
                     torch.addmm(bias[v0:v1], h_chunk, w.t(), out=logits[:, v0:v1])
             yield start, stop, h_chunk, logits
 
-    return chunks(), -(-n_rows // chunk), chunk
+    return chunks(), chunk
 
 
 def _plan(hidden, weight, bias, dhidden, dweight, dbias, want_grad: bool):
     weight_slices = _weight_slices(weight, hidden.dtype)
     n_slices = -(-weight.shape[0] // min(WEIGHT_SLICE_ROWS, weight.shape[0])) if weight.dtype != hidden.dtype else 1
-    chunks, n_chunks, chunk = _logit_chunks(hidden, weight_slices, weight.shape[0], bias)
-    sinks = _GradSinks(dhidden, dweight, dbias, n_chunks, n_slices, chunk, hidden.dtype) if want_grad else None
+    chunks, chunk = _logit_chunks(hidden, weight_slices, weight.shape[0], bias)
+    sinks = _GradSinks(dhidden, dweight, dbias, n_slices, chunk, hidden.dtype) if want_grad else None
     return chunks, weight_slices, sinks
 
 

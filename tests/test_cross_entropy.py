@@ -330,7 +330,8 @@ def test_gpu_realistic_vocab_sizes(vocab):
         assert (err <= 2**-8 * ref.grad.abs() + 1e-6 * ref.grad.abs().max()).all()
 
 
-def test_fused_sweeps_read_each_logit_once_per_sweep(triton_interpret, monkeypatch):
+@pytest.mark.parametrize("v", [1001, 1024])
+def test_fused_sweeps_read_each_logit_once_per_sweep(triton_interpret, monkeypatch, v):
     """Loss and gradient in one launch, the gradient written over the logits (what the fused linear cross-entropy
     does): every logit of a supervised row is read exactly twice, once per sweep, and ignored rows not at all.
 
@@ -342,9 +343,9 @@ def test_fused_sweeps_read_each_logit_once_per_sweep(triton_interpret, monkeypat
 
     from fastsft.kernels import cross_entropy as kernels
 
-    monkeypatch.setattr(kernels, "MAX_BLOCK", 256)  # 1001 columns = 4 blocks
-    logits, labels = random_case(n=6)
-    labels[1], labels[2], labels[3] = 0, V - 1, 777
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 256)  # 4 blocks: 3 unmasked + a masked tail (1001), or all masked (1024)
+    logits, labels = random_case(n=6, v=v)
+    labels[1], labels[2], labels[3] = 0, v - 1, 777
     ref_losses = float64_token_losses(logits, labels, z_loss=1e-3)
     buffer = logits.clone()
     base, itemsize = buffer.data_ptr(), buffer.element_size()
@@ -361,7 +362,7 @@ def test_fused_sweeps_read_each_logit_once_per_sweep(triton_interpret, monkeypat
     losses, lse = torch.empty(6), torch.empty(6)
     hits = torch.empty(6, dtype=torch.int32)
     kernels.cross_entropy_rows(buffer, labels, IGNORE, 0.0, 1e-3, 0.0, loss=losses, lse=lse, hit=hits, grad=buffer)
-    reads = torch.from_numpy(reads).view(6, V)
+    reads = torch.from_numpy(reads).view(6, v)
     supervised = labels != IGNORE
     assert (reads[supervised] == 2).all(), reads[supervised].unique()
     assert (reads[~supervised] == 0).all()
