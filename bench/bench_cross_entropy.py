@@ -28,8 +28,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from common import copy_bandwidth_gbs, cuda_time_ms, matmul_tflops, peak_memory_mb, write_result
-from conftest import requires_cuda
+from common import copy_bandwidth_gbs, cuda_time_ms, matmul_tflops, peak_memory_mb, requires_cuda, write_result
 
 from fastsft.ops import cross_entropy, linear_cross_entropy
 

@@ -19,8 +19,7 @@ import sys
 
 import pytest
 import torch
-from common import copy_bandwidth_gbs, cuda_time_ms, write_result
-from conftest import requires_cuda
+from common import copy_bandwidth_gbs, cuda_time_ms, requires_cuda, write_result
 
 from fastsft.ops import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 

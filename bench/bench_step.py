@@ -36,8 +36,7 @@ import sys
 import time
 
 import torch
-from common import matmul_tflops, write_result
-from conftest import requires_cuda
+from common import matmul_tflops, requires_cuda, write_result
 
 from fastsft.data.batch import IGNORE_INDEX, LOSS_POSITION_FILL, PAD_ID, Batch, attention_bounds
 from fastsft.data.loader import LOSS_BUCKET_GRANULE
@@ -47,6 +46,7 @@ from fastsft.train.step import TrainStep, apply_compile, build_optimizer, mfu
 SEQ_LEN = 8192
 MAX_DOCS = SEQ_LEN // 32
 DEVICE = "cuda"  # a module constant so a CPU smoke run can swap it
+COMPILE = "blocks"  # fastsft's apply_compile mode ("none" in bench/gpu_proof.py --smoke: no C++ compile on CPU)
 PADDED_BUDGET = 16384  # padded token slots per micro-batch of variant (a)
 PROMPT_FRACTION = 0.4
 LLAMA_3_2_1B = dict(
@@ -170,7 +170,7 @@ def to_device(batch: dict) -> dict:
 
 def fastsft_variant(rows):
     model = Transformer.from_config(ModelConfig(**LLAMA_3_2_1B), device=DEVICE, seed=0)
-    apply_compile(model, "blocks")
+    apply_compile(model, COMPILE)
     step = TrainStep(model, build_optimizer(model, lr=1e-5), max_grad_norm=1.0, precision="bf16")
     bucket = loss_bucket_for(rows)
     batches = [fastsft_batch(docs, bucket).to(DEVICE) for docs in rows]

@@ -19,6 +19,17 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def _requires_cuda():
+    import pytest
+
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
+
+
+# Here rather than in bench/conftest.py: under a pytest session rooted at tests/, `conftest` is tests/conftest.py
+# (bench/gpu_proof.py's smoke test imports the benchmarks from there).
+requires_cuda = _requires_cuda()
+
+
 def environment() -> dict:
     try:
         import triton
@@ -43,10 +54,12 @@ def environment() -> dict:
     }
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Merge `payload` into bench/results/<name>.json (keyed by device, so H100 and H200 runs sit side by side)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_result(name: str, payload: dict, results_dir: Path | None = None) -> Path:
+    """Merge `payload` into bench/results/<name>.json (keyed by device, so H100 and H200 runs sit side by side);
+    results_dir puts it elsewhere (the smoke test writes to a temporary folder)."""
+    results_dir = RESULTS_DIR if results_dir is None else Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
     env = environment()
     data = json.loads(path.read_text()) if path.exists() else {}
     data[env["device"]] = {"environment": env, **payload}

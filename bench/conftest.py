@@ -3,9 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
+from common import requires_cuda  # noqa: E402,F401  (kept importable from here too)
