@@ -182,6 +182,17 @@ def test_crafted_pickle_is_an_error_never_run(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_export_skips_a_corrupt_newest_checkpoint_and_says_so(tmp_path, capsys):
+    old, new = _save(tmp_path, 2, seed=2), _save(tmp_path, 4, seed=4)
+    (new / "model-rank0.safetensors").write_bytes(b"garbage")
+    assert ckpt.resolve(tmp_path) == old
+    err = capsys.readouterr().err
+    assert err == f"skipping checkpoint-00000004: {new / 'model-rank0.safetensors'} has 7 bytes, checksums.json says " \
+                  f"{ckpt.read_checksums(new)['files']['model-rank0.safetensors']['bytes']} (truncated or changed)\n"
+    with pytest.raises(ckpt.CheckpointError, match="has 7 bytes"):
+        ckpt.resolve(new)  # a checkpoint named directly is verified, not replaced by another
+
+
 def test_full_disk_removes_the_partial_checkpoint(tmp_path, monkeypatch):
     good = _save(tmp_path, 2)
     real = ckpt._save_tensors
@@ -390,6 +401,22 @@ def test_signal_after_the_last_step_keeps_the_run(tmp_path, data_dir, moment):
     assert ckpt.verify(out / "checkpoint-00000006") is None
     assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in out.iterdir())
     assert "received after the last step; the final checkpoint was written" in output
+
+
+def test_second_ctrl_c_outside_a_save_stops_at_once_with_one_line(tmp_path, data_dir):
+    """Ctrl-C twice during the final evaluation (not a save): exit code 130, one line, no traceback; the checkpoint
+    of the last step, written before the evaluation, is intact."""
+    marker, out = tmp_path / "marker", tmp_path / "run"
+    proc = _launch(out, data_dir, SLOW_FINAL_EVAL.format(step=6, marker=marker, seconds=30), log__save_steps=2)
+    _wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output
+    assert "fastsft train: interrupted (second Ctrl-C): stopped without a checkpoint of the current step" in output
+    assert ckpt.verify(ckpt.latest_checkpoint(out)) is None and ckpt.latest_checkpoint(out).name == "checkpoint-00000006"
 
 
 def test_one_run_per_output_directory(tmp_path, data_dir):

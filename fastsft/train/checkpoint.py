@@ -38,6 +38,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,17 +224,17 @@ def find_resumable(out_dir: str | Path, info: distributed.DistInfo, say: Callabl
     return None
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path, say: Callable[[str], None] | None = None) -> Path:
     """A checkpoint directory (verified), or the newest checkpoint of a run directory that verifies (export and
-    generate): a CheckpointError naming what is wrong otherwise."""
+    generate; `say`, stderr by default, hears which newer ones were skipped and why): a CheckpointError naming what
+    is wrong otherwise."""
     path = Path(path)
     if (path / CHECKSUMS).is_file() or is_old_format(path):
         problem = verify(path)
         if problem:
             raise CheckpointError(problem)
         return path
-    notes: list[str] = []
-    found = find_resumable(path, distributed.DistInfo(), notes.append)
+    found = find_resumable(path, distributed.DistInfo(), say or (lambda text: print(text, file=sys.stderr)))
     if found is None:
         raise CheckpointError(f"{path}: neither a fastsft checkpoint (no {CHECKSUMS}) nor a run directory holding "
                               f"{PREFIX}* checkpoints")

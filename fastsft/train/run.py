@@ -12,7 +12,7 @@ loss and exact-match accuracy of greedy answers before and after training.
 
 Precedence (later wins): built-in defaults (or the demo's), --config file, the flags (--model, --data, ...), key=value.
 Exit codes: 0 done (or stopped by a signal with a checkpoint written), 1 the run failed (one line says why;
-FASTSFT_DEBUG=1 adds the traceback), 2 bad config or command line.
+FASTSFT_DEBUG=1 adds the traceback), 2 bad config or command line, 130 a second Ctrl-C outside a save.
 """
 
 from __future__ import annotations
@@ -183,6 +183,12 @@ def train(cfg, is_demo: bool = False) -> int:
         if info.is_main or info.enabled:
             print(f"fastsft train: error{f' (rank {info.rank})' if info.enabled else ''}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C twice outside a save: stop now, without a checkpoint of this step
+        _debug_traceback()
+        if info.is_main:
+            print("fastsft train: interrupted (second Ctrl-C): stopped without a checkpoint of the current step; run "
+                  "the same command again to resume from the last one", file=sys.stderr)
+        return 130
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
