@@ -125,7 +125,7 @@ def test_messages_errors(tmp_path):
     good = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
     cases = [
         ({"messages": [{"role": "bot", "content": "x"}]}, r"field 'messages\[0\]\.role': unknown role 'bot'"),
-        ({"messages": [{"role": "user", "content": None}]}, r"field 'messages\[0\]\.content': must be a string, got null"),
+        ({"messages": [{"role": "user", "content": None}]}, r"field 'messages\[0\]\.content': must be a string or a list of text parts, got null"),
         ({"messages": [{"role": "user", "content": "only a question"}]}, "field 'messages': conversation has no assistant"),
         ({"messages": "hi"}, "field 'messages': must be a list"),
         ({"messages": [["user", "x"]]}, r"field 'messages\[0\]': a turn must be a JSON object"),

@@ -51,7 +51,7 @@ from fastsft.data.sources import (
     resolve_sources,
     surrogate_field,
 )
-from fastsft.data.tokenizer import TRAIN_ON, Tokenizer, load_tokenizer
+from fastsft.data.tokenizer import EARLIER_REASONING, TRAIN_ON, Tokenizer, load_tokenizer, trained_turns
 
 SPLITS = ("train", "val")
 CHUNK_RECORDS = 256  # records per worker task: large enough to amortize IPC, small enough to keep workers busy
@@ -60,7 +60,8 @@ DROP_NO_LOSS = "no_loss_tokens"
 DROP_NO_LOSS_AFTER_TRUNCATION = "no_loss_tokens_after_truncation"
 # Options that change the output (the cache key); workers and progress do not.
 OUTPUT_OPTIONS = {"max_len": None, "format": "auto", "val_fraction": 0.0, "seed": 0, "skip_bad": False,
-                  "train_on": "all", "split": None, "columns": None}
+                  "train_on": "all", "split": None, "columns": None, "template_kwargs": None,
+                  "earlier_reasoning": "template"}
 
 # Per-record outcome codes, sent back from the workers.
 KEPT, KEPT_TRUNCATED, DROPPED_NO_LOSS, DROPPED_AFTER_TRUNCATION, BAD = range(5)
@@ -92,6 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     parser.add_argument("--train-on", default="all", choices=TRAIN_ON,
                         help="train on every assistant turn (all) or only the final one (last)")
+    parser.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                        help="keyword arguments for the chat template, as a JSON object (e.g. '{\"enable_thinking\": "
+                             "false}'); the same ones must be used at inference")
+    parser.add_argument("--earlier-reasoning", default="template", choices=EARLIER_REASONING,
+                        help="reasoning of assistant turns the template does not render (e.g. Qwen3 drops it before "
+                             "the last user message): template = train those turns as rendered, without it; keep = "
+                             "train each such turn in its own document, the conversation up to it, reasoning shown")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -102,12 +110,23 @@ def run(args) -> int:
             args.data, args.tokenizer, args.out, max_len=args.max_len, format=args.format, workers=args.workers,
             val_fraction=args.val_fraction, seed=args.seed, skip_bad=args.skip_bad, train_on=args.train_on,
             progress=not args.no_progress, overwrite=args.overwrite, split=args.split, columns=args.columns,
+            template_kwargs=args.chat_template_kwargs, earlier_reasoning=args.earlier_reasoning,
         )
     except (ValueError, OSError) as e:  # DataError and ShardError are ValueErrors
         print(f"fastsft prepare: error: {e}", file=sys.stderr)
         return 1
     print(summary_text(manifest, args.out))
     return 0
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): give an object such as '{{\"enable_thinking\": false}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object such as '{\"enable_thinking\": false}'")
+    return value
 
 
 def summary_text(manifest: dict, out_dir) -> str:
@@ -126,12 +145,15 @@ def summary_text(manifest: dict, out_dir) -> str:
 
 
 def prepare_dataset(data_files, tokenizer, out_dir, max_len=None, format="auto", workers=1, val_fraction=0.0, seed=0,
-                    skip_bad=False, train_on="all", progress=True, overwrite=False, split=None, columns=None) -> dict:
+                    skip_bad=False, train_on="all", progress=True, overwrite=False, split=None, columns=None,
+                    template_kwargs=None, earlier_reasoning="template") -> dict:
     """Tokenize `data_files` (files or folders, see `sources`) into OUT/train and OUT/val shards and write
     OUT/manifest.json; returns the manifest.
 
     `tokenizer`: "byte", a tokenizer directory, or a Tokenizer from `load_tokenizer`. `split`: the split of a
     DatasetDict or hub folder. `columns`: {format field: column} or "field=column,..." (see `sources.parse_columns`).
+    `template_kwargs`: keyword arguments for the chat template (e.g. {"enable_thinking": False});
+    `earlier_reasoning`: "template" or "keep" (see `--earlier-reasoning`).
     """
     data_files = [Path(f) for f in ([data_files] if isinstance(data_files, str | Path) else data_files)]
     _check_options(data_files, max_len, format, workers, val_fraction, train_on)
@@ -141,8 +163,13 @@ def prepare_dataset(data_files, tokenizer, out_dir, max_len=None, format="auto",
     out_dir = Path(out_dir)
     remove_stale_staging(out_dir)
     _check_out_dir(out_dir, overwrite)
+    if earlier_reasoning not in EARLIER_REASONING:
+        raise ValueError(f"--earlier-reasoning {earlier_reasoning}: expected one of {', '.join(EARLIER_REASONING)}")
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise ValueError("--chat-template-kwargs: must be a JSON object")
     options = dict(max_len=max_len, format=format, workers=workers, val_fraction=val_fraction, seed=seed,
-                   skip_bad=skip_bad, train_on=train_on, split=split, columns=columns or None)
+                   skip_bad=skip_bad, train_on=train_on, split=split, columns=columns or None,
+                   template_kwargs=template_kwargs or None, earlier_reasoning=earlier_reasoning)
 
     formats = [detect_source_format(src, columns) if format == "auto" else format for src in sources]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +300,8 @@ class Job:
     val_fraction: float
     seed: int
     columns: dict | None = None
+    template_kwargs: dict | None = None
+    earlier_reasoning: str = "template"
 
 
 def iter_chunks(sources, formats, chunk_records=CHUNK_RECORDS):
@@ -291,40 +320,53 @@ def iter_chunks(sources, formats, chunk_records=CHUNK_RECORDS):
 
 
 def tokenize_chunk(job: Job, chunk: Chunk):
-    """Tokenize one chunk. Returns (tokens, masks, lengths, is_val, statuses, errors): the kept documents'
-    ids and masks concatenated (one array each, cheap to send between processes), their lengths and split, one
-    status code per record, and the DataError of each BAD record in order."""
-    token_parts, mask_parts, lengths, is_val, statuses, errors = [], [], [], [], [], []
+    """Tokenize one chunk. Returns (tokens, masks, lengths, is_val, statuses, doc_counts, errors, counts): the kept
+    documents' ids and masks concatenated (one array each, cheap to send between processes), their lengths and split,
+    one status code and one kept-document count per record (a record gives more than one document only with
+    earlier_reasoning="keep"), the DataError of each BAD record in order, and the chunk's file counts."""
+    token_parts, mask_parts, lengths, is_val, statuses, doc_counts, errors = [], [], [], [], [], [], []
+    counts = {"path": chunk.path, "trained_turns": 0, "trained_tokens": 0, "reasoning_not_rendered": 0}
     for line, record_index, payload in chunk.items:
         try:
             record = map_columns(load_record(payload, chunk.path, line, record_index), job.columns)
             document = normalize_record(record, chunk.fmt, chunk.path, line, record_index)
-            ids, mask = _encode(job, document, record)
+            documents = _encode(job, document, record, counts)
         except DataError as e:
             statuses.append(BAD)
+            doc_counts.append(0)
             e = column_error(e, job.columns)
             errors.append(e if e.path else DataError(e.problem, chunk.path, line, record_index, e.field))
             continue
-        truncated = job.max_len is not None and len(ids) > job.max_len
-        if truncated:
-            ids, mask = ids[: job.max_len], mask[: job.max_len]
-        if not mask.any():
+        kept = truncated = 0
+        for ids, mask in documents:
+            if job.max_len is not None and len(ids) > job.max_len:
+                ids, mask = ids[: job.max_len], mask[: job.max_len]
+                truncated += 1
+            if not mask.any():
+                continue
+            kept += 1
+            token_parts.append(ids)
+            mask_parts.append(mask)
+            lengths.append(len(ids))
+            is_val.append(job.val_fraction > 0 and split_hash(job.seed, ids, mask) < job.val_fraction)
+            counts["trained_tokens"] += int(np.count_nonzero(mask))
+        if kept:
+            statuses.append(KEPT_TRUNCATED if truncated else KEPT)
+            if not isinstance(document, str):
+                counts["trained_turns"] += len(trained_turns(document, job.train_on))
+        else:
             statuses.append(DROPPED_AFTER_TRUNCATION if truncated else DROPPED_NO_LOSS)
-            continue
-        statuses.append(KEPT_TRUNCATED if truncated else KEPT)
-        token_parts.append(ids)
-        mask_parts.append(mask)
-        lengths.append(len(ids))
-        is_val.append(job.val_fraction > 0 and split_hash(job.seed, ids, mask) < job.val_fraction)
+        doc_counts.append(kept)
     tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, np.int32)
     masks = np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8)
     return (tokens, masks, np.asarray(lengths, np.int64), np.asarray(is_val, bool), np.asarray(statuses, np.uint8),
-            errors)
+            np.asarray(doc_counts, np.int64), errors, counts)
 
 
-def _encode(job: Job, document, record: dict):
+def _encode(job: Job, document, record: dict, counts: dict):
     try:
-        return job.tokenizer.encode_document(document, job.train_on)
+        return job.tokenizer.encode_documents(document, job.train_on, job.template_kwargs, job.earlier_reasoning,
+                                              counts)
     except (UnicodeError, TypeError, ValueError):
         field = surrogate_field(record)  # looked for only when encoding failed: most text has none
         if field is None:
@@ -390,6 +432,8 @@ class _Tally:
         self.skipped_by_field = Counter()
         self.bad_examples: list[str] = []
         self.length_log2 = np.zeros(64, np.int64)  # bucket k: lengths in (2**(k-1), 2**k]
+        self.files: dict[str, Counter] = {}  # per data file: records kept, trained turns, trained tokens
+        self.reasoning_not_rendered = 0
 
     def bad(self, error: DataError) -> None:
         self.skipped += 1
@@ -410,7 +454,7 @@ class _Tally:
 def _write_dataset(sources, formats, tokenizer, staging: Path, options: dict, progress: bool) -> dict:
     started = time.time()
     job = Job(tokenizer, options["train_on"], options["max_len"], options["val_fraction"], options["seed"],
-              options["columns"])
+              options["columns"], options["template_kwargs"], options["earlier_reasoning"])
     split_names = SPLITS if options["val_fraction"] > 0 else SPLITS[:1]
     from fastsft.data.shards import ShardWriter
 
@@ -437,6 +481,10 @@ def _write_dataset(sources, formats, tokenizer, staging: Path, options: dict, pr
         raise DataError(f"empty dataset: no document left from {len(sources)} file(s) ({tally.read} records read, "
                         f"{tally.skipped} bad skipped, dropped {dict(tally.dropped)})")
     warnings = []
+    if tally.reasoning_not_rendered:
+        warnings.append(f"{tally.reasoning_not_rendered} trained assistant turn(s) carry reasoning the chat template "
+                        "does not render (e.g. Qwen3 drops it before the last user message): they train without it; "
+                        "--earlier-reasoning keep trains each in its own document with its reasoning")
     if "val" in summaries and summaries["val"]["documents"] == 0:
         warnings.append(f"val_fraction {options['val_fraction']} chose no document for validation "
                         f"(only {kept} documents); the dataset has no val split")
@@ -452,7 +500,8 @@ def _write_dataset(sources, formats, tokenizer, staging: Path, options: dict, pr
         "vocab_size": tokenizer.vocab_size,
         "data_files": [
             {"path": str(src.path.resolve()), "bytes": src.path.stat().st_size, "sha256": file_sha256(src.path),
-             "format": fmt}
+             "format": fmt, **{k: int(tally.files.get(str(src.path), {}).get(k, 0))
+                               for k in ("records_kept", "trained_turns", "trained_tokens")}}
             for src, fmt in zip(sources, formats, strict=True)
         ],
         "splits": {
@@ -481,10 +530,14 @@ def _write_dataset(sources, formats, tokenizer, staging: Path, options: dict, pr
 
 def _consume(result, writers: dict, tally: _Tally, skip_bad: bool) -> None:
     """Write one chunk's kept documents to their splits and count the rest (in record order)."""
-    tokens, masks, lengths, is_val, statuses, errors = result
+    tokens, masks, lengths, is_val, statuses, doc_counts, errors, counts = result
     errors = iter(errors)
     offset, doc = 0, 0
-    for status in statuses:
+    per_file = tally.files.setdefault(counts["path"], Counter())
+    per_file["trained_turns"] += counts["trained_turns"]
+    per_file["trained_tokens"] += counts["trained_tokens"]
+    tally.reasoning_not_rendered += counts["reasoning_not_rendered"]
+    for status, n_docs in zip(statuses, doc_counts, strict=True):
         tally.read += 1
         if status == BAD:
             error = next(errors)
@@ -498,11 +551,13 @@ def _consume(result, writers: dict, tally: _Tally, skip_bad: bool) -> None:
             tally.dropped[DROP_NO_LOSS_AFTER_TRUNCATION] += 1
         else:
             tally.truncated += int(status == KEPT_TRUNCATED)
-            n = int(lengths[doc])
-            writers["val" if is_val[doc] else "train"].add(tokens[offset: offset + n], masks[offset: offset + n])
-            tally.kept(n)
-            offset += n
-            doc += 1
+            per_file["records_kept"] += 1
+            for _ in range(n_docs):
+                n = int(lengths[doc])
+                writers["val" if is_val[doc] else "train"].add(tokens[offset: offset + n], masks[offset: offset + n])
+                tally.kept(n)
+                offset += n
+                doc += 1
 
 
 def _progress_bar(total_bytes: int, progress: bool):

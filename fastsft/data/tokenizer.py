@@ -10,9 +10,10 @@ Interface (both kinds):
   stop_ids              ids that end generation (eos and the chat template's end-of-turn tokens)
   encode(text)          token ids of plain text, no special tokens
   decode(ids)           text, special tokens written out
-  encode_conversation(messages, train_on="all"|"last") -> (ids int32, loss_mask uint8)
-                        only assistant content and the end-of-turn token(s) closing each assistant turn carry loss;
-                        "last" trains only the final assistant turn
+  encode_conversation(messages, train_on="all"|"last", template_kwargs=None) -> (ids int32, loss_mask uint8)
+                        each trained assistant turn carries loss from after its header through its end-of-turn
+                        token; "last" trains only the final assistant turn; a message's "train" flag wins
+  encode_documents(document, train_on, template_kwargs, earlier_reasoning) -> [(ids, mask), ...]
   encode_text(text)     (ids, mask) with BOS (when the tokenizer has one) and EOS; every token trained
   prompt_ids(messages)  the conversation plus the opening of an assistant turn, for generation
   identity()            kind, name/path, vocab_size and a content hash (recorded in manifests and caches)
@@ -20,25 +21,30 @@ Interface (both kinds):
 
 Position 0 never carries loss: no token precedes it, so nothing predicts it.
 
-Hugging Face tokenizers use their chat template. Assistant spans are found without generation markers: each assistant
-turn k is the text that rendering messages[:k+1] adds to rendering messages[:k] with the generation prompt (so default
-system prompts and headers are the template's business), with trailing whitespace after the end-of-turn token left
-untrained. Templates whose renderings are not prefixes of each other fall back to searching each assistant content in
-the rendered text and extending it over the special tokens that follow it. A tokenizer without a chat template gets
+Hugging Face tokenizers use their chat template, rendered once per conversation with its tools and the template
+keyword arguments (e.g. enable_thinking); `fastsft.data.chat_template` finds each assistant turn's region in that
+text for any template (no generation markers needed) and checks it, so token ids always equal
+`apply_chat_template(..., tokenize=True)` and a turn that cannot be placed is an error, never a guessed mask. A
+tokenizer without a chat template gets
 `FALLBACK_CHAT_TEMPLATE` ("User:\\n...\\n\\nAssistant:\\n...<eos>"), which `save_pretrained` then saves with it.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
-from fastsft.data.formats import DataError
+from fastsft.data.chat_template import Placement, Probe, kwargs_key, learn_probe, place_assistant_turns, \
+    template_messages
+from fastsft.data.formats import Conversation, DataError
 
 TRAIN_ON = ("all", "last")
+EARLIER_REASONING = ("template", "keep")
 
 # Byte tokenizer: ids 0..255 are the UTF-8 bytes, then these special tokens in this order.
 BYTE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -61,8 +67,9 @@ _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_token
                        "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 
 
-def load_tokenizer(spec) -> Tokenizer:
-    """`"byte"` -> the built-in byte tokenizer; a directory -> its Hugging Face tokenizer (never downloads).
+def load_tokenizer(spec, chat_template: str | None = None) -> Tokenizer:
+    """`"byte"` -> the built-in byte tokenizer; a directory -> its Hugging Face tokenizer (never downloads), with
+    `chat_template` (Jinja source) replacing its own when given.
 
     A Tokenizer passes through unchanged.
     """
@@ -77,7 +84,7 @@ def load_tokenizer(spec) -> Tokenizer:
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"--tokenizer '{spec}': no tokenizer.json in this directory; fastsft needs a fast "
                          "(tokenizers-library) Hugging Face tokenizer, saved with save_pretrained.")
-    return HFTokenizer(path)
+    return HFTokenizer(path, chat_template)
 
 
 class Tokenizer:
@@ -89,17 +96,26 @@ class Tokenizer:
     pad_id: int
     stop_ids: list[int]
 
-    def encode_conversation(self, messages: list[dict], train_on: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    def encode_conversation(self, messages: list[dict], train_on: str = "all",
+                            template_kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def encode_document(self, document, train_on: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    def encode_document(self, document, train_on: str = "all", template_kwargs: dict | None = None):
         """A normalized document from `fastsft.data.formats`: a conversation (list) or a plain text (str)."""
         if isinstance(document, str):
             return self.encode_text(document)
-        return self.encode_conversation(document, train_on)
+        return self.encode_conversation(document, train_on, template_kwargs)
+
+    def encode_documents(self, document, train_on: str = "all", template_kwargs: dict | None = None,
+                         earlier_reasoning: str = "template", counts: dict | None = None):
+        """The training documents [(ids, mask), ...] one normalized document becomes (more than one only with
+        earlier_reasoning="keep", see HFTokenizer); `counts["reasoning_not_rendered"]` counts trained turns whose
+        reasoning the template left out."""
+        _check_earlier_reasoning(earlier_reasoning)
+        return [self.encode_document(document, train_on, template_kwargs)]
 
     def __repr__(self) -> str:
         ident = self.identity()
@@ -135,11 +151,24 @@ def _tokens_covering(encoding, start: int, end: int) -> tuple[int, int]:
     return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
 
 
-def _trained_turns(messages: list[dict], train_on: str) -> set[int]:
-    """Indices of the assistant turns that carry loss."""
+def trained_turns(messages: list[dict], train_on: str) -> set[int]:
+    """Indices of the assistant messages that carry loss: all of them or the last one (train_on), then each
+    message's own "train" flag (true or false) wins."""
     _check_train_on(train_on)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return set(assistant[-1:] if train_on == "last" else assistant)
+    chosen = set(assistant[-1:] if train_on == "last" else assistant)
+    for i in assistant:
+        flag = messages[i].get("train")
+        if flag is True:
+            chosen.add(i)
+        elif flag is False:
+            chosen.discard(i)
+    return chosen
+
+
+def _check_earlier_reasoning(mode: str) -> None:
+    if mode not in EARLIER_REASONING:
+        raise ValueError(f"earlier_reasoning={mode!r}: expected one of {', '.join(EARLIER_REASONING)}")
 
 
 # ---------------------------------------------------------------------------------------------- byte tokenizer
@@ -181,12 +210,12 @@ class ByteTokenizer(Tokenizer):
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def encode_conversation(self, messages, train_on="all"):
-        trained = _trained_turns(messages, train_on)
+    def encode_conversation(self, messages, train_on="all", template_kwargs=None):
+        trained = trained_turns(messages, train_on)
         # Built as numpy pieces (one per header, content and turn end) rather than per-token Python lists.
         pieces, flags, lengths = [np.array([self.bos_id], np.int32)], [0], [1]
         for i, message in enumerate(messages):
-            content = np.frombuffer(message["content"].encode("utf-8"), dtype=np.uint8)
+            content = np.frombuffer(_byte_content(message).encode("utf-8"), dtype=np.uint8)
             loss = 1 if i in trained else 0
             pieces += [np.array([self.role_ids[message["role"]]], np.int32), content, np.array([self.end_id], np.int32)]
             flags += [0, loss, loss]
@@ -203,7 +232,7 @@ class ByteTokenizer(Tokenizer):
     def prompt_ids(self, messages) -> list[int]:
         ids = [self.bos_id]
         for message in messages:
-            ids += [self.role_ids[message["role"]], *message["content"].encode("utf-8"), self.end_id]
+            ids += [self.role_ids[message["role"]], *_byte_content(message).encode("utf-8"), self.end_id]
         return ids + [self.role_ids["assistant"]]
 
     def identity(self) -> dict:
@@ -214,6 +243,16 @@ class ByteTokenizer(Tokenizer):
     def save_pretrained(self, directory) -> None:
         """Write tokenizer.json + tokenizer_config.json that AutoTokenizer loads offline with identical ids."""
         _byte_hf_tokenizer().save_pretrained(str(directory))
+
+
+def _byte_content(message: dict) -> str:
+    """A message's text in the byte chat format: reasoning goes first as a think block; tools are not supported."""
+    if message["role"] not in ("system", "user", "assistant") or message.get("tool_calls"):
+        raise DataError("the byte tokenizer's chat format has no tool messages or tool calls; use a Hugging Face "
+                        "tokenizer whose chat template supports tools", field="messages")
+    reasoning = message.get("reasoning_content")
+    content = message["content"] or ""
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content}" if reasoning else content
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -257,7 +296,7 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, path):
+    def __init__(self, path, chat_template: str | None = None):
         from transformers import AutoTokenizer
 
         self.path = Path(path).resolve()
@@ -268,7 +307,10 @@ class HFTokenizer(Tokenizer):
         if not getattr(self.tok, "is_fast", False):
             raise ValueError(f"--tokenizer '{path}': loaded a slow tokenizer; fastsft needs a fast one (tokenizer.json) "
                              "for character offsets")
-        self.template_source = "own" if self.tok.chat_template else "fastsft-fallback"
+        if chat_template is not None:
+            self.tok.chat_template = chat_template
+        self.template_source = ("given" if chat_template is not None else "own") if self.tok.chat_template \
+            else "fastsft-fallback"
         if not self.tok.chat_template:
             self.tok.chat_template = FALLBACK_CHAT_TEMPLATE
         if self.tok.eos_token_id is None:
@@ -277,9 +319,20 @@ class HFTokenizer(Tokenizer):
         self.pad_id = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eos_id
         self.vocab_size = max(max(self.tok.get_vocab().values()) + 1, len(self.tok))
         self._special_ids = {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
-        self._special_strings = sorted((t.content for t in self.tok.added_tokens_decoder.values() if t.special),
-                                       key=len, reverse=True)
+        structural = {t.content for t in self.tok.added_tokens_decoder.values() if t.content} | {"<think>", "</think>"}
+        self._structural = re.compile("|".join(re.escape(t) for t in sorted(structural, key=len, reverse=True)))
+        self._probes: dict[str, Probe] = {}
         self.stop_ids = self._find_stop_ids()
+
+    def with_chat_template(self, chat_template: str) -> HFTokenizer:
+        """This tokenizer with another chat template (the vocabulary is shared, nothing is reloaded)."""
+        other = copy.copy(self)
+        other.tok = copy.copy(self.tok)
+        other.tok.chat_template = chat_template
+        other.template_source = "given"
+        other._probes = {}
+        other.stop_ids = other._find_stop_ids()
+        return other
 
     # plain text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -296,93 +349,67 @@ class HFTokenizer(Tokenizer):
         return _finish(ids, np.ones(len(ids), dtype=np.uint8))
 
     # conversations ------------------------------------------------------------------------------------------
-    def render(self, messages, add_generation_prompt=False) -> str:
+    def render(self, messages, add_generation_prompt=False, tools=None, template_kwargs=None) -> str:
         try:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
         except Exception as e:  # jinja TemplateError, or a template's raise_exception(...)
             raise DataError(f"the tokenizer's chat template rejected this conversation: {e}", field="messages") from e
 
-    def encode_conversation(self, messages, train_on="all"):
-        trained = _trained_turns(messages, train_on)
-        text = self.render(messages)
-        spans = [span for k, span in self.assistant_spans(messages, text).items() if k in trained]
-        encoding = self.tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    def probe(self, template_kwargs=None) -> Probe:
+        """Assistant headers and end-of-turn marker of this template under these keyword arguments (cached)."""
+        key = kwargs_key(template_kwargs)
+        if key not in self._probes:
+            specials = [self.tok.convert_ids_to_tokens(i) for i in sorted(self._special_ids)]
+            self._probes[key] = learn_probe(lambda m, gen: self.render(m, gen, None, template_kwargs), specials)
+        return self._probes[key]
+
+    def place(self, messages, wanted, template_kwargs=None) -> Placement:
+        """Rendered text and the character region of each assistant message in `wanted` (see chat_template)."""
+        tools = getattr(messages, "tools", None)
+        return place_assistant_turns(lambda m, gen: self.render(m, gen, tools, template_kwargs), list(messages),
+                                     self.probe(template_kwargs), wanted, self._structural)
+
+    def encode_placement(self, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+        encoding = self.tok.backend_tokenizer.encode(placement.text, add_special_tokens=False)
         ids = np.asarray(encoding.ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=np.uint8)
-        for start, end in spans:
+        for start, end in placement.regions.values():
             first, last = _tokens_covering(encoding, start, end)
             mask[first:last] = 1
         return _finish(ids, mask)
 
-    def prompt_ids(self, messages) -> list[int]:
-        return self.encode(self.render(messages, add_generation_prompt=True))
+    def encode_conversation(self, messages, train_on="all", template_kwargs=None):
+        return self.encode_placement(self.place(messages, trained_turns(messages, train_on), template_kwargs))
 
-    def assistant_spans(self, messages, text: str) -> dict[int, tuple[int, int]]:
-        """Character span [start, end) in `text` (the rendered conversation) of each assistant turn: its content
-        and the end-of-turn token(s) that close it, without the whitespace the template puts after them."""
-        spans, search_from = {}, 0
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            span = self._span_by_prefix(messages, k, text)
-            if span is None:
-                span = self._span_by_search(message["content"], text, self._search_start(messages, k, text,
-                                                                                          search_from), k)
-            spans[k] = span
-            search_from = span[1]
-        return spans
+    def encode_documents(self, document, train_on="all", template_kwargs=None, earlier_reasoning="template",
+                         counts=None):
+        if isinstance(document, str):
+            return [self.encode_text(document)]
+        _check_earlier_reasoning(earlier_reasoning)
+        wanted = trained_turns(document, train_on)
+        placement = self.place(document, wanted, template_kwargs)
+        dropped = [i for i in placement.reasoning_dropped if i in wanted]
+        moved = dropped if earlier_reasoning == "keep" else []
+        if counts is not None:
+            counts["reasoning_not_rendered"] = counts.get("reasoning_not_rendered", 0) + len(dropped) - len(moved)
+        documents = []
+        for i in moved:  # the conversation up to turn i, as at inference when the model wrote it: its reasoning shows
+            prefix = Conversation(document[: i + 1], getattr(document, "tools", None))
+            documents.append(self.encode_placement(self.place(prefix, {i}, template_kwargs)))
+            del placement.regions[i]
+        if placement.regions or not documents:
+            documents.insert(0, self.encode_placement(placement))
+        return documents
 
-    def _span_by_prefix(self, messages, k, text):
-        try:
-            before = self.render(messages[:k], add_generation_prompt=True)
-        except DataError:  # e.g. a template that cannot render an empty or system-only prefix
-            return None
-        try:  # when turn k ends the conversation, its rendering is the whole text
-            through = text if k + 1 == len(messages) else self.render(messages[: k + 1])
-        except DataError:
-            return None
-        if not (through.startswith(before) and text.startswith(through)):
-            return None
-        start = len(before)
-        return start, max(start, len(through.rstrip()))
-
-    def _search_start(self, messages, k, text, search_from) -> int:
-        """Search turn k's content only after the messages before it, so a user turn quoting the answer is skipped."""
-        try:
-            before = self.render(messages[:k])
-        except DataError:
-            return search_from
-        return max(search_from, len(before)) if text.startswith(before) else search_from
-
-    def _span_by_search(self, content, text, search_from, k):
-        needle = content.strip()
-        start = text.find(needle, search_from)
-        if start < 0:
-            raise DataError(f"could not find assistant turn {k}'s content in the chat template's output (the template "
-                            "changes message content); use a template that keeps content verbatim", field="messages")
-        end = start + len(needle)
-        extended = True
-        while extended:  # the special tokens right after the content close the turn (e.g. <|eot_id|>)
-            extended = False
-            for special in self._special_strings:
-                if special and text.startswith(special, end):
-                    end += len(special)
-                    extended = True
-                    break
-        return start, end
+    def prompt_ids(self, messages, template_kwargs=None) -> list[int]:
+        return self.encode(self.render(template_messages(messages), True, getattr(messages, "tools", None),
+                                       template_kwargs))
 
     def _find_stop_ids(self) -> list[int]:
-        """EOS plus the special tokens the template puts after an assistant's content (its end-of-turn)."""
+        """EOS plus the special tokens that close an assistant turn (the template's end-of-turn marker)."""
         stops = [self.eos_id]
-        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-        try:
-            text = self.render(probe)
-            start, end = self.assistant_spans(probe, text)[1]
-        except DataError:
-            return stops
-        tail = text[start:end]
-        tail = tail[tail.find("ok") + 2:] if "ok" in tail else tail
-        for i in self.tok.encode(tail, add_special_tokens=False):
+        for i in self.tok.encode(self.probe().end_of_turn, add_special_tokens=False):
             if i in self._special_ids and i not in stops:
                 stops.append(int(i))
         return stops
