@@ -12,6 +12,7 @@ import sys
 
 SUBCOMMANDS = {
     "prepare": ("fastsft.data.prepare", "tokenize instruction data into verified shards with a loss mask"),
+    "inspect": ("fastsft.data.inspect_data", "print prepared documents with the trained tokens marked"),
     "train": ("fastsft.train.run", "run supervised fine-tuning (no arguments: the built-in demo)"),
     "export": ("fastsft.train.export", "write a checkpoint as a Hugging Face model directory"),
     "generate": ("fastsft.train.generate_command", "generate text from a model directory or checkpoint"),

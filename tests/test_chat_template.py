@@ -363,3 +363,25 @@ def test_prepare_warns_about_reasoning_not_rendered_and_keeps_it_on_request(qwen
     assert manifest["data_files"][0]["trained_turns"] == 2
     documents = open_shards(tmp_path / "b")
     assert len(documents) == 2
+
+
+def test_inspect_marks_exactly_the_trained_tokens(tmp_path, capsys):
+    from fastsft.cli import main
+    from fastsft.data.prepare import prepare_dataset
+
+    records = [{"messages": [{"role": "user", "content": "q[[1]]"}, {"role": "assistant", "content": "first"},
+                             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "sécond 数据"}]},
+               {"prompt": "p", "completion": "c"}]
+    files = []
+    for k, record in enumerate(records):
+        files.append(tmp_path / f"d{k}.jsonl")
+        files[-1].write_text(json.dumps(record, ensure_ascii=False) + "\n")
+    prepare_dataset(files, "byte", tmp_path / "out", progress=False)
+    assert main(["inspect", str(tmp_path / "out"), "-n", "5", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "<|user|>q[[1]]<|end|><|assistant|>[[first<|end|>]]<|user|>q2<|end|><|assistant|>[[sécond 数据<|end|>]]" \
+        in out
+    assert "<|assistant|>[[c<|end|>]]" in out and "2 documents" in out
+    assert main(["inspect", str(tmp_path / "out"), "--color", "always"]) == 0
+    assert "\033[32mfirst<|end|>\033[0m" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "out"), "--start", "9"]) == 1
