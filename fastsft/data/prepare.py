@@ -326,12 +326,19 @@ def tokenize_chunk(job: Job, chunk: Chunk):
     earlier_reasoning="keep"), the DataError of each BAD record in order, and the chunk's file counts."""
     token_parts, mask_parts, lengths, is_val, statuses, doc_counts, errors = [], [], [], [], [], [], []
     counts = {"path": chunk.path, "trained_turns": 0, "trained_tokens": 0, "reasoning_not_rendered": 0}
+    normalized = []  # per record: (its document, the record), or the DataError that stopped it
     for line, record_index, payload in chunk.items:
         try:
             record = map_columns(load_record(payload, chunk.path, line, record_index), job.columns)
-            document = normalize_record(record, chunk.fmt, chunk.path, line, record_index)
-            documents = _encode(job, document, record, counts)
+            normalized.append((normalize_record(record, chunk.fmt, chunk.path, line, record_index), record))
         except DataError as e:
+            normalized.append(e)
+    encoded = iter(_encode_batch(job, [d for d in normalized if not isinstance(d, DataError)], counts))
+    for (line, record_index, _), document in zip(chunk.items, normalized, strict=True):
+        documents = document if isinstance(document, DataError) else next(encoded)
+        document = None if isinstance(document, DataError) else document[0]
+        if isinstance(documents, DataError):
+            e = documents
             statuses.append(BAD)
             doc_counts.append(0)
             e = column_error(e, job.columns)
@@ -361,6 +368,29 @@ def tokenize_chunk(job: Job, chunk: Chunk):
     masks = np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8)
     return (tokens, masks, np.asarray(lengths, np.int64), np.asarray(is_val, bool), np.asarray(statuses, np.uint8),
             np.asarray(doc_counts, np.int64), errors, counts)
+
+
+def _encode_batch(job: Job, normalized: list, counts: dict) -> list:
+    """encode_documents_batch over (document, record) pairs; when the batch fails outside the template checks (a lone
+    surrogate cannot be tokenized), each document is encoded alone so the failure is located."""
+    batch_counts = {}
+    try:
+        out = job.tokenizer.encode_documents_batch([d for d, _ in normalized], job.train_on, job.template_kwargs,
+                                                   job.earlier_reasoning, batch_counts)
+    except (UnicodeError, TypeError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+    else:
+        for key, value in batch_counts.items():
+            counts[key] = counts.get(key, 0) + value
+        return out
+    out = []
+    for document, record in normalized:
+        try:
+            out.append(_encode(job, document, record, counts))
+        except DataError as e:
+            out.append(e)
+    return out
 
 
 def _encode(job: Job, document, record: dict, counts: dict):

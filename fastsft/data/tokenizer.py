@@ -117,6 +117,17 @@ class Tokenizer:
         _check_earlier_reasoning(earlier_reasoning)
         return [self.encode_document(document, train_on, template_kwargs)]
 
+    def encode_documents_batch(self, documents, train_on: str = "all", template_kwargs: dict | None = None,
+                               earlier_reasoning: str = "template", counts: dict | None = None) -> list:
+        """`encode_documents` of each document; a document that cannot be encoded gives its DataError in its place."""
+        out = []
+        for document in documents:
+            try:
+                out.append(self.encode_documents(document, train_on, template_kwargs, earlier_reasoning, counts))
+            except DataError as e:
+                out.append(e)
+        return out
+
     def __repr__(self) -> str:
         ident = self.identity()
         return f"{type(self).__name__}({ident.get('path') or ident['name']!r}, vocab_size={self.vocab_size})"
@@ -370,8 +381,10 @@ class HFTokenizer(Tokenizer):
         return place_assistant_turns(lambda m, gen: self.render(m, gen, tools, template_kwargs), list(messages),
                                      self.probe(template_kwargs), wanted, self._structural)
 
-    def encode_placement(self, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-        encoding = self.tok.backend_tokenizer.encode(placement.text, add_special_tokens=False)
+    def encode_placement(self, placement: Placement, encoding=None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of a placed conversation; `encoding`: its text already encoded (by a batch encode)."""
+        if encoding is None:
+            encoding = self.tok.backend_tokenizer.encode(placement.text, add_special_tokens=False)
         ids = np.asarray(encoding.ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=np.uint8)
         for start, end in placement.regions.values():
@@ -384,9 +397,32 @@ class HFTokenizer(Tokenizer):
 
     def encode_documents(self, document, train_on="all", template_kwargs=None, earlier_reasoning="template",
                          counts=None):
+        return self.encode_documents_batch([document], train_on, template_kwargs, earlier_reasoning, counts,
+                                           raise_errors=True)[0]
+
+    def encode_documents_batch(self, documents, train_on="all", template_kwargs=None, earlier_reasoning="template",
+                               counts=None, raise_errors=False):
+        """Place every conversation, then tokenize all their texts in one batch (the tokenizers library spreads a
+        batch over its threads), then build the masks. A document that fails gives its DataError in its place."""
+        _check_earlier_reasoning(earlier_reasoning)
+        placed = []  # per document: a DataError, a text's (ids, mask), or a list of Placements
+        for document in documents:
+            try:
+                placed.append(self._encode_text_or_place(document, train_on, template_kwargs, earlier_reasoning,
+                                                         counts))
+            except DataError as e:
+                if raise_errors:
+                    raise
+                placed.append(e)
+        texts = [p.text for item in placed if isinstance(item, list) for p in item if isinstance(p, Placement)]
+        encodings = iter(self.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if len(texts) > 1
+                         else [self.tok.backend_tokenizer.encode(t, add_special_tokens=False) for t in texts])
+        return [[self.encode_placement(p, next(encodings)) if isinstance(p, Placement) else p for p in item]
+                if isinstance(item, list) else item for item in placed]
+
+    def _encode_text_or_place(self, document, train_on, template_kwargs, earlier_reasoning, counts):
         if isinstance(document, str):
             return [self.encode_text(document)]
-        _check_earlier_reasoning(earlier_reasoning)
         wanted = trained_turns(document, train_on)
         placement = self.place(document, wanted, template_kwargs)
         dropped = [i for i in placement.reasoning_dropped if i in wanted]
@@ -396,10 +432,10 @@ class HFTokenizer(Tokenizer):
         documents = []
         for i in moved:  # the conversation up to turn i, as at inference when the model wrote it: its reasoning shows
             prefix = Conversation(document[: i + 1], getattr(document, "tools", None))
-            documents.append(self.encode_placement(self.place(prefix, {i}, template_kwargs)))
+            documents.append(self.place(prefix, {i}, template_kwargs))
             del placement.regions[i]
         if placement.regions or not documents:
-            documents.insert(0, self.encode_placement(placement))
+            documents.insert(0, placement)
         return documents
 
     def prompt_ids(self, messages, template_kwargs=None) -> list[int]:
