@@ -418,3 +418,22 @@ def test_peak_memory_flat_from_24_to_200_mb(suffix, tmp_path):
     """Past the fixed buffers, an input 8x larger (200 MB, 200 times a 1 MB budget) adds under 16 MB of peak RSS."""
     base, peak = _peak_growth(tmp_path, suffix, 24, 200)
     assert peak - base < 16, f"peak RSS {peak:.0f} MB on 200 MB vs {base:.0f} MB on 24 MB"
+
+
+def test_train_reads_record_folders(tmp_path):
+    """`fastsft train --data FOLDER`: a folder of records (here a hub-style parquet folder) is prepared like files,
+    giving the same shards as its records as .jsonl; a prepared directory is still used as it is."""
+    from fastsft.data.tokenizer import load_tokenizer
+    from fastsft.train.build import prepare_data
+    from fastsft.train.config import load_config
+    from fastsft.train.distributed import DistInfo
+
+    records = conversation_records(random.Random(2), 30)
+    write_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", records)
+    prepare(write_jsonl(tmp_path / "r.jsonl", records), tmp_path / "ref")
+    cfg = load_config(overrides=[f"data.train_files=[{tmp_path / 'hub'}]", f"output_dir={tmp_path / 'run'}"])
+    (train_dir, split), val = prepare_data(cfg, load_tokenizer("byte"), DistInfo(), lambda _: None)
+    assert split == "train" and val is None and train_dir != tmp_path / "hub"
+    assert shard_bytes(train_dir) == shard_bytes(tmp_path / "ref")
+    cfg = load_config(overrides=[f"data.train_files=[{tmp_path / 'ref'}]", f"output_dir={tmp_path / 'run'}"])
+    assert prepare_data(cfg, load_tokenizer("byte"), DistInfo(), lambda _: None)[0] == (tmp_path / "ref", "train")

@@ -70,12 +70,12 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
     cache = default_cache_dir(cfg)
 
     def prepare(paths, val_fraction):
-        if len(paths) == 1 and Path(paths[0]).is_dir():
+        if len(paths) == 1 and _is_prepared(Path(paths[0])):
             check_prepared_tokenizer(Path(paths[0]), tokenizer, say if info.is_main else lambda _: None)
             return Path(paths[0])
         for p in paths:
-            if Path(p).is_dir():
-                raise RunError(f"data: {p} is a directory; give either one prepared directory or only .jsonl/.json files")
+            if _is_prepared(Path(p)):
+                raise RunError(f"data: {p} is a prepared directory; give it alone, or only data files and folders")
         result = None
         if info.is_main:
             result = str(prepare_cached(paths, tokenizer, cache, val_fraction=val_fraction, progress=True, **options))
@@ -90,6 +90,12 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
     else:
         val = None
     return (train_dir, "train"), val
+
+
+def _is_prepared(path: Path) -> bool:
+    """A `fastsft prepare` output (manifest.json, or shards without one: an incomplete one, reported as such), as
+    opposed to a folder of records (`datasets` save_to_disk, a hub download) that `prepare_cached` reads."""
+    return path.is_dir() and ((path / "manifest.json").is_file() or any((path / "train").glob("*.shard")))
 
 
 def check_prepared_tokenizer(prepared: Path, tokenizer, say) -> None:

@@ -51,7 +51,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train_files: list = _opt([], "training data: .jsonl/.json files (prepared on the fly, cached by content hash) or one prepared directory")
+    train_files: list = _opt([], "training data: files or folders as fastsft prepare --data reads them (prepared on the fly, cached by content hash) or one prepared directory")
     val_files: list = _opt([], "validation data files; empty = the prepared directory's val split (see val_fraction)")
     format: str = _opt("auto", "record format of the data files: auto (detected per file), alpaca, messages, sharegpt, prompt-completion, text", ("auto", "alpaca", "messages", "sharegpt", "prompt-completion", "text"))
     train_on: str = _opt("all", "conversations: all = every assistant turn carries loss, last = only the final one (prompts never do)", ("all", "last"))
