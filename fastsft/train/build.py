@@ -93,9 +93,10 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
 
 
 def _is_prepared(path: Path) -> bool:
-    """A `fastsft prepare` output (manifest.json, or shards without one: an incomplete one, reported as such), as
-    opposed to a folder of records (`datasets` save_to_disk, a hub download) that `prepare_cached` reads."""
-    return path.is_dir() and ((path / "manifest.json").is_file() or any((path / "train").glob("*.shard")))
+    """Prepared data (manifest.json, or shard files here or in train/: what open_shards reads), as opposed to a
+    folder of records (`datasets` save_to_disk, a hub download) that `prepare_cached` reads."""
+    return path.is_dir() and ((path / "manifest.json").is_file() or any(path.glob("*.shard"))
+                              or any((path / "train").glob("*.shard")))
 
 
 def check_prepared_tokenizer(prepared: Path, tokenizer, say) -> None:
