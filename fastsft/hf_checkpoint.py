@@ -13,17 +13,27 @@ and what is supported. Read top to bottom: config.json -> ModelConfig and back, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastsft._fsutil import replace_dir
 from fastsft.model import ModelConfig, Transformer
+
+
+class ModelDirError(ValueError):
+    """A model directory fastsft cannot use (missing, corrupt or unsupported files, bad config.json fields); the
+    message names the file or field and what to do. A ValueError, so the commands report it in one line."""
+
 
 ARCHITECTURES = {  # model_type -> the transformers class written into config.json (fastsft.model.MODEL_TYPES)
     "llama": "LlamaForCausalLM",
@@ -31,6 +41,10 @@ ARCHITECTURES = {  # model_type -> the transformers class written into config.js
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+
+# transformers' defaults where config.json leaves a field out (they differ by model type).
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+_DEFAULT_ROPE_THETA = 10000.0
 
 # config.json keys that ModelConfig owns (read from and written back by it); every other key is kept verbatim in
 # `extra` and written back unchanged, so a load -> save round trip loses nothing (bos/eos ids, vendor fields, ...).
@@ -50,45 +64,73 @@ _OWNED_KEYS = {
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     """Read a Hugging Face config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
-    `rope_parameters`). Anything this model would compute differently from transformers is an error naming the
-    field in `source` and what is supported."""
+    `rope_parameters`). Anything this model would compute differently from transformers, and any missing, null or
+    mistyped field, is a ModelDirError naming the field in `source` and what is wanted."""
     where = f"{source}: "
+    if not isinstance(cfg, dict):
+        raise ModelDirError(f"{where}expected a JSON object of model settings, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"{where}model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(ARCHITECTURES)} (Llama-style decoders)")
+        raise ModelDirError(f"{where}model_type {model_type!r} is not supported; supported: "
+                            f"{', '.join(ARCHITECTURES)} (Llama-style decoders)")
     _reject_unsupported(cfg, where)
     rope_theta, rope_scaling = _read_rope(cfg, where)
     # Mistral always names its window; qwen2/qwen3 only when use_sliding_window is on; llama has none.
-    windowed = model_type == "mistral" or (model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"))
+    windowed = model_type == "mistral" or (model_type in ("qwen2", "qwen3") and
+                                           _field(cfg, "use_sliding_window", bool, where, False))
     # Bias: qwen2 always on q/k/v (never o); llama and qwen3 follow attention_bias on all four; mistral never.
-    attention_bias = bool(cfg.get("attention_bias", False)) and model_type in ("llama", "qwen3")
+    attention_bias = _field(cfg, "attention_bias", bool, where, False) and model_type in ("llama", "qwen3")
     try:
         return ModelConfig(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
-            num_key_value_heads=cfg.get("num_key_value_heads"),
-            head_dim=cfg.get("head_dim"),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            vocab_size=_field(cfg, "vocab_size", int, where),
+            hidden_size=_field(cfg, "hidden_size", int, where),
+            intermediate_size=_field(cfg, "intermediate_size", int, where),
+            num_hidden_layers=_field(cfg, "num_hidden_layers", int, where),
+            num_attention_heads=_field(cfg, "num_attention_heads", int, where),
+            num_key_value_heads=_field(cfg, "num_key_value_heads", int, where, None, null_ok=True),
+            head_dim=_field(cfg, "head_dim", int, where, None, null_ok=True),
+            rms_norm_eps=_field(cfg, "rms_norm_eps", float, where, 1e-6),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=_field(cfg, "max_position_embeddings", int, where,
+                                           _DEFAULT_MAX_POSITIONS[model_type]),
+            tie_word_embeddings=_field(cfg, "tie_word_embeddings", bool, where, False),
             attention_bias=attention_bias or model_type == "qwen2",
             attention_out_bias=attention_bias,
             qk_norm=model_type == "qwen3",
-            sliding_window=cfg.get("sliding_window") if windowed else None,
-            initializer_range=float(cfg.get("initializer_range", 0.02)),
+            sliding_window=_field(cfg, "sliding_window", int, where, None, null_ok=True) if windowed else None,
+            initializer_range=_field(cfg, "initializer_range", float, where, 0.02),
             model_type=model_type,
             extra={k: v for k, v in cfg.items() if k not in _OWNED_KEYS},
         )
-    except KeyError as e:
-        raise ValueError(f"{where}missing required field {e.args[0]!r}") from None
-    except ValueError as e:
-        raise ValueError(f"{where}{e}") from None
+    except ModelDirError:
+        raise
+    except ValueError as e:  # ModelConfig's own checks (head counts, rope_scaling)
+        raise ModelDirError(f"{where}{e}") from None
+
+
+_REQUIRED = object()
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+
+
+def _field(cfg: dict, name: str, kind: type, where: str, default=_REQUIRED, null_ok: bool = False):
+    """cfg[name] checked to be of `kind` (JSON's types: true is not an integer, 2 is a number); `default` when
+    absent (or null, where null_ok). Missing, null and mistyped values are errors naming the field."""
+    if name not in cfg or (cfg[name] is None and null_ok):
+        if default is _REQUIRED:
+            raise ModelDirError(f"{where}missing required field {name!r} ({_KIND_NAMES[kind]})")
+        return default
+    value = cfg[name]
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ModelDirError(f"{where}{name} is {json.dumps(value)}, expected {_KIND_NAMES[kind]}; fix config.json "
+                            f"(compare with the model's original config)")
+    return float(value) if kind is float else value
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
@@ -132,34 +174,41 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
 
 
 def _reject_unsupported(cfg: dict, where: str) -> None:
-    act = cfg.get("hidden_act", "silu")
+    act = _field(cfg, "hidden_act", str, where, "silu")
     if act not in ("silu", "swish"):
-        raise ValueError(f"{where}hidden_act {act!r} is not supported; supported: silu (SwiGLU MLP)")
+        raise ModelDirError(f"{where}hidden_act {act!r} is not supported; supported: silu (SwiGLU MLP)")
     if cfg.get("mlp_bias"):
-        raise ValueError(f"{where}mlp_bias=true is not supported; supported: MLP projections without bias")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{where}partial_rotary_factor {cfg['partial_rotary_factor']} is not supported; "
-                         f"supported: 1.0 (rotary over the whole head_dim)")
+        raise ModelDirError(f"{where}mlp_bias=true is not supported; supported: MLP projections without bias")
+    if cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+        raise ModelDirError(f"{where}partial_rotary_factor {cfg['partial_rotary_factor']} is not supported; "
+                            f"supported: 1.0 (rotary over the whole head_dim)")
     if cfg.get("quantization_config"):
-        raise ValueError(f"{where}quantized checkpoints are not supported; use the unquantized model")
+        raise ModelDirError(f"{where}quantized checkpoints are not supported; use the unquantized model")
     layer_types = cfg.get("layer_types") or []
     if cfg.get("use_sliding_window") is False:
         layer_types = []  # qwen2/qwen3 list sliding layers even when sliding is switched off
-    if any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"{where}layer_types {sorted(set(layer_types))} is not supported; supported: "
-                         f"full_attention in every layer")
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+        raise ModelDirError(f"{where}layer_types {json.dumps(layer_types)} is not supported; supported: "
+                            f"full_attention in every layer")
 
 
 def _read_rope(cfg: dict, where: str) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling or None) from either the 4.x or the 5.x spelling."""
-    params = cfg.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"{where}per-layer-type rope_parameters are not supported; supported: one rope for all "
-                         f"layers")
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or params
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    return theta, (None if rope_type == "default" else scaling)
+    """(rope_theta, rope_scaling or None) from the 4.x or the 5.x spelling, resolved as transformers 5 does: a
+    non-empty `rope_scaling` replaces `rope_parameters` whole; the chosen dict's rope_theta wins, else the top-level
+    rope_theta, else 10000."""
+    for name in ("rope_scaling", "rope_parameters"):
+        _field(cfg, name, dict, where, None, null_ok=True)
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ModelDirError(f"{where}per-layer-type rope_parameters are not supported; supported: one rope for all "
+                            f"layers")
+    name = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    if "rope_theta" in rope:
+        theta = _field(rope, "rope_theta", float, f"{where}{name}.")
+    else:
+        theta = _field(cfg, "rope_theta", float, where, _DEFAULT_ROPE_THETA)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return theta, (None if rope_type == "default" else rope)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,10 +246,19 @@ def hf_key_map(config: ModelConfig) -> dict[str, str]:
 
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Transformer:
     """A `Transformer` from a local Hugging Face model directory: config.json plus model.safetensors, or shards
-    listed in model.safetensors.index.json. dtype None keeps the stored dtype."""
+    listed in model.safetensors.index.json. dtype None keeps the stored dtype. Every problem with the directory is a
+    ModelDirError naming the file or field."""
     path = Path(path)
     config = config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
     hf_tensors = read_safetensors(path, device)
+    head, embed = hf_tensors.get("lm_head.weight"), hf_tensors.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and not (embed is not None and torch.equal(head, embed)):
+        # What transformers does: keep the file's own head, untied, and say so. The config follows the weights, so
+        # an export writes the untied head it trained, not a tied model.
+        warnings.warn(f"{path / 'config.json'}: tie_word_embeddings is true but the weights hold a distinct "
+                      f"lm_head.weight: loaded untied (as transformers does); set tie_word_embeddings to false in "
+                      f"config.json to silence this", UserWarning, stacklevel=2)
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     state = hf_to_state_dict(hf_tensors, config, path)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -223,7 +281,7 @@ def hf_to_state_dict(hf_tensors: dict[str, torch.Tensor], config: ModelConfig, p
     missing = [name for name in ours_of if name not in hf_tensors]
     unexpected = [name for name in hf_tensors if name not in ours_of and not _ignorable(name, config)]
     if missing or unexpected:
-        raise ValueError(
+        raise ModelDirError(
             f"{path}: the weights do not match config.json (model_type={config.model_type}, "
             f"num_hidden_layers={config.num_hidden_layers}, tie_word_embeddings={config.tie_word_embeddings}): "
             f"missing {_some(missing)}; unexpected {_some(unexpected)}. Check that config.json and the "
@@ -234,7 +292,7 @@ def hf_to_state_dict(hf_tensors: dict[str, torch.Tensor], config: ModelConfig, p
     for theirs, ours in ours_of.items():
         tensor = hf_tensors[theirs]
         if tuple(tensor.shape) != expected_shapes[ours]:
-            raise ValueError(f"{path}: tensor {theirs} has shape {tuple(tensor.shape)}, config.json implies "
+            raise ModelDirError(f"{path}: tensor {theirs} has shape {tuple(tensor.shape)}, config.json implies "
                              f"{expected_shapes[ours]}")
         state[ours] = tensor
     return state
@@ -254,39 +312,59 @@ def _some(names: list[str], limit: int = 8) -> str:
 
 
 def read_json(path: Path) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: expected a Hugging Face model directory (config.json and "
-                                f"*.safetensors)")
+    if not path.is_file():
+        raise ModelDirError(f"{path} not found: expected a Hugging Face model directory (config.json and "
+                            f"*.safetensors)")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
+        raise ModelDirError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{path}: not a text file (invalid UTF-8); restore it from the original model") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_safetensors(path: Path, device=None) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint in `path`, single-file or sharded (index.json)."""
+    """Every tensor of the checkpoint in `path`, single-file or sharded (index.json). Only safetensors are read
+    (never pickle); the files an index lists must lie inside `path`."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelDirError(f"{index}: no 'weight_map' object of tensor name -> file name")
         files = sorted(set(weight_map.values()))
+        for name in files:
+            # Checked on the name, not the resolved path: a Hugging Face cache links its files to blobs elsewhere.
+            normal = os.path.normpath(name)
+            if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+                raise ModelDirError(f"{index}: lists {name!r}, outside the model directory; shards must be files "
+                                    f"in {path}")
     elif (path / "model.safetensors").exists():
         weight_map, files = None, ["model.safetensors"]
     else:
-        found = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (found {', '.join(found)}: convert PyTorch .bin weights to safetensors first)" if found else ""
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = (f" (found {', '.join(found)}: fastsft reads safetensors only, never pickled weights; convert with "
+                f"transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR))") if found else ""
+        raise ModelDirError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
     tensors = {}
     for name in files:
         file = path / name
-        if not file.exists():
-            raise FileNotFoundError(f"{file} is listed in {index.name} but missing")
-        tensors.update(load_file(str(file), device=str(device) if device is not None else "cpu"))
+        if not file.is_file():
+            listed = f"is listed in {index.name} but " if weight_map is not None else ""
+            raise ModelDirError(f"{file} {listed}{'is not a file' if file.exists() else 'is missing'}: copy the "
+                                f"model directory again")
+        try:
+            tensors.update(load_file(str(file), device=str(device) if device is not None else "cpu"))
+        except (SafetensorError, OSError) as e:
+            reason = "truncated or corrupt" if isinstance(e, SafetensorError) else type(e).__name__
+            raise ModelDirError(f"{file}: not a readable safetensors file ({reason}); download or export it "
+                                f"again") from None
     if weight_map is not None:
         absent = [k for k in weight_map if k not in tensors]
         if absent:
-            raise ValueError(f"{index}: lists tensors its shards do not contain: {_some(absent)}")
+            raise ModelDirError(f"{index}: lists tensors its shards do not contain: {_some(absent)}")
     return tensors
 
 

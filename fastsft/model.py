@@ -89,20 +89,24 @@ def _check_rope_scaling(scaling: dict, max_position_embeddings: int) -> dict:
     if rope_type not in ROPE_TYPES[1:]:
         raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: none/default, "
                          f"{', '.join(ROPE_TYPES[1:])}")
-    try:
-        if rope_type == "linear":
-            return {"rope_type": "linear", "factor": float(scaling["factor"])}
-        return {
-            "rope_type": "llama3",
-            "factor": float(scaling["factor"]),
-            "low_freq_factor": float(scaling["low_freq_factor"]),
-            "high_freq_factor": float(scaling["high_freq_factor"]),
-            "original_max_position_embeddings": int(
-                scaling.get("original_max_position_embeddings", max_position_embeddings)
-            ),
-        }
-    except KeyError as e:
-        raise ValueError(f"rope_scaling of type {rope_type} is missing {e.args[0]!r}") from None
+
+    def number(key, default=None):
+        value = scaling.get(key, default)
+        if value is None:
+            raise ValueError(f"rope_scaling of type {rope_type} is missing {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"rope_scaling {key} must be a number, got {value!r}")
+        return value
+
+    if rope_type == "linear":
+        return {"rope_type": "linear", "factor": float(number("factor"))}
+    return {
+        "rope_type": "llama3",
+        "factor": float(number("factor")),
+        "low_freq_factor": float(number("low_freq_factor")),
+        "high_freq_factor": float(number("high_freq_factor")),
+        "original_max_position_embeddings": int(number("original_max_position_embeddings", max_position_embeddings)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,6 +285,11 @@ class Transformer(nn.Module):
         if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
             raise ValueError(f"the model takes one packed row: input_ids and position_ids of shape [T], got "
                              f"{tuple(input_ids.shape)} and {tuple(position_ids.shape)} (see fastsft.data.batch)")
+        self.check_max_seqlen(max_seqlen)
+
+    def check_max_seqlen(self, max_seqlen: int) -> None:
+        """Attention here is full causal: exact for a sliding-window model only while documents fit the window.
+        The trainer calls this at setup with its seq_len, so a too-long row is refused before the first step."""
         window = self.config.sliding_window
         if window is not None and max_seqlen > window:
             raise ValueError(

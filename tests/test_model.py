@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from fastsft.generate import generate_batch
-from fastsft.hf_checkpoint import config_from_hf, hf_key_map, load_pretrained, save_pretrained
+from fastsft.hf_checkpoint import ModelDirError, config_from_hf, hf_key_map, load_pretrained, save_pretrained
 from fastsft.model import ModelConfig, Transformer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -251,7 +251,7 @@ def test_config_errors_name_field_and_supported(tmp_path):
     (tmp_path / "bad" / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}')
     with pytest.raises(ValueError, match=r"config.json, line 3, column 3: invalid JSON"):
         load_pretrained(tmp_path / "bad")
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(ModelDirError, match="config.json not found"):
         load_pretrained(tmp_path / "nowhere")
 
 

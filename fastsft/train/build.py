@@ -148,6 +148,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: 
             raise RunError(
                 f"the tokenizer has {vocab_size} ids but {path} embeds only {embed_rows}; use the model's own tokenizer"
             )
+        try:  # refused at setup rather than at the first step
+            model.check_max_seqlen(cfg.data.seq_len)
+        except ValueError as e:
+            raise RunError(f"{path / 'config.json'} and data.seq_len: {e}") from None
         return model
     hf = dict(
         model_type="llama",
