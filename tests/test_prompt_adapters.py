@@ -420,3 +420,21 @@ def test_activation_checkpointing_same_prompt_gradients(method, tmp_path):
     ours.loss(batch).backward()
     for name, grad in prompt_grads(ours.prompt_adapter).items():
         assert rel_err(grad, plain[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("method", ["p_tuning_lstm", "prefix_projection"])
+def test_bf16_autocast_close_to_fp32(method, tmp_path):
+    """Under bf16 autocast (the trainer's precision on a GPU) the fp32 prompt parameters are cast to the compute
+    dtype: the loss and the prompt gradients stay within bf16 rounding of fp32."""
+    _, ours = peft_and_ours("qwen3", method, 3, tmp_path)
+    batch = make_row(random_docs([9, 14]), 32, ours.prompt_adapter.row_tokens)
+    fp32 = ours.loss(batch)
+    fp32.backward()
+    reference = prompt_grads(ours.prompt_adapter)
+    ours.prompt_adapter.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = ours.loss(batch)
+    bf16.backward()
+    assert rel_err(bf16, fp32) < 2e-2
+    for name, grad in prompt_grads(ours.prompt_adapter).items():
+        assert grad.dtype == torch.float32 and rel_err(grad, reference[name]) < 0.1, name
