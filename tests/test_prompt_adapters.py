@@ -8,6 +8,7 @@ contract's docstring plus the slot rule of fastsft/adapters/prompt.py, not by th
 """
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -438,3 +439,78 @@ def test_bf16_autocast_close_to_fp32(method, tmp_path):
     assert rel_err(bf16, fp32) < 2e-2
     for name, grad in prompt_grads(ours.prompt_adapter).items():
         assert grad.dtype == torch.float32 and rel_err(grad, reference[name]) < 0.1, name
+
+
+# ------------------------------------------------------------------------------------- the train config's section
+
+
+def test_adapter_section_builds_saves_and_reloads_prompt_adapters(tmp_path):
+    """The `adapter.*` options through fastsft.adapters.peft_io: build, PEFT export, start again from it (the
+    directory decides the method; P-tuning comes back as prompt tuning), and `apply_peft_dir` as generate uses it."""
+    from fastsft.adapters.config import AdapterSection, prompt_row_tokens, validate_adapter
+    from fastsft.adapters.peft_io import apply_peft_dir, build_adapters, save_peft_adapter
+
+    _, ours = base_pair("llama", tmp_path)
+    section = AdapterSection(method="p_tuning", num_virtual_tokens=5, encoder_type="lstm", encoder_hidden_size=8)
+    validate_adapter(section)
+    assert prompt_row_tokens(section) == 5
+    assert prompt_row_tokens(AdapterSection(method="prefix_tuning")) == 0
+    _, used = build_adapters(ours, section)
+    assert used == section and ours.prompt_adapter.lstm_head.hidden_size == 8
+    save_peft_adapter(ours, section, tmp_path / "adapter")
+    doc = random_docs([10])[0]
+    batch = make_row([doc], 15, 5)
+    with torch.no_grad():
+        expected = ours.logits(**batch.model_inputs())
+
+    again = load_pretrained(tmp_path / "hf")
+    resumed = AdapterSection(method="p_tuning", init_from=str(tmp_path / "adapter"))
+    assert prompt_row_tokens(resumed) == 5
+    _, used = build_adapters(again, resumed)
+    assert (used.method, used.num_virtual_tokens) == ("prompt_tuning", 5)
+    with torch.no_grad():
+        assert rel_err(again.logits(**batch.model_inputs()), expected) < 1e-6
+    with pytest.raises(ValueError, match=r"adapter.init_from=.*a P_TUNING adapter, but adapter.method is prefix"):
+        build_adapters(load_pretrained(tmp_path / "hf"),
+                       AdapterSection(method="prefix_tuning", init_from=str(tmp_path / "adapter")))
+    generated = load_pretrained(tmp_path / "hf")
+    assert apply_peft_dir(generated, tmp_path / "adapter").method == "prompt_tuning"
+    with torch.no_grad():
+        assert rel_err(generated.logits(**batch.model_inputs()), expected) < 1e-6
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(prompt_init="text"), r"adapter: prompt init 'text' needs init_text .*adapter.prompt_init_text"),
+    (dict(num_virtual_tokens=0), r"adapter: num_virtual_tokens must be a positive integer"),
+    (dict(method="prefix_tuning", prompt_init="vocab"), r"prompt init 'vocab' applies to prompt_tuning only"),
+])
+def test_adapter_section_errors_name_the_option(options, message):
+    from fastsft.adapters.config import AdapterSection, validate_adapter
+
+    with pytest.raises(ValueError, match=message):
+        validate_adapter(AdapterSection(**{"method": "prompt_tuning", **options}))
+
+
+def test_text_init_equals_peft(tmp_path):
+    """prompt_init=text: the embeddings of the text's tokens, repeated to n, exactly as PEFT's TEXT init."""
+    from fastsft.adapters.config import AdapterSection
+    from fastsft.adapters.peft_io import build_adapters
+    from fastsft.data.tokenizer import load_tokenizer
+
+    tokenizer_dir = "/work/shared/tokenizers/qwen3"
+    if not (Path(tokenizer_dir) / "tokenizer.json").exists():
+        pytest.skip(f"no tokenizer at {tokenizer_dir}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = Qwen3Config(**{**SMALL, "vocab_size": tokenizer.vocab_size, "tie_word_embeddings": True})
+    hf = Qwen3ForCausalLM(config).float()
+    hf.save_pretrained(tmp_path / "hf")
+    text = "Answer the question politely"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.get_peft_model(hf, peft.PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=9, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+            tokenizer_name_or_path=tokenizer_dir))
+    ours = load_pretrained(tmp_path / "hf")
+    build_adapters(ours, AdapterSection(method="prompt_tuning", num_virtual_tokens=9, prompt_init="text",
+                                        prompt_init_text=text), tokenizer=tokenizer)
+    assert torch.equal(ours.prompt_adapter.embedding.weight, reference.prompt_encoder["default"].embedding.weight)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastsft.adapters.config import BLOCK_LINEARS, LORA_METHODS, AdapterSection
+from fastsft.adapters.config import BLOCK_LINEARS, LORA_METHODS, PROMPT_METHODS, AdapterSection
 from fastsft.adapters.lora import adapted_modules, apply_adapters, block_linears, load_adapter_state, merge_adapters
 
 PREFIX = "base_model.model."
@@ -101,6 +101,11 @@ def save_peft_adapter(model: nn.Module, section: AdapterSection, out: str | Path
     into place; other files already in `out`, such as a tokenizer, are kept)."""
     from safetensors.torch import save_file
 
+    if section.method in PROMPT_METHODS:
+        from fastsft.adapters.prompt_peft import save_peft_prompt_adapter
+
+        return save_peft_prompt_adapter(model, out, base_model_name_or_path)
+
     from fastsft._fsutil import replace_dir
 
     out = Path(out)
@@ -127,10 +132,13 @@ def save_peft_adapter(model: nn.Module, section: AdapterSection, out: str | Path
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_adapters(model, section: AdapterSection, base_dtype=None, key: str = "adapter"):
+def build_adapters(model, section: AdapterSection, base_dtype=None, key: str = "adapter", tokenizer=None):
     """(model, the section actually used): `model` turned into frozen base + adapters in place. With
     `section.init_from` the shapes (rank, targets, modules_to_save...) come from that PEFT directory and its tensors
-    are loaded; otherwise adapters start at PEFT's init (step 0 equals the base)."""
+    are loaded; otherwise adapters start at PEFT's init (step 0 equals the base). Prompt methods
+    (fastsft/adapters/prompt.py) attach `model.prompt_adapter`; `tokenizer` encodes prompt_init_text."""
+    if section.method in PROMPT_METHODS:
+        return model, _build_prompt_adapter(model, section, key, tokenizer)
     if section.method not in LORA_METHODS:
         raise ValueError(f"{key}.method={section.method!r}: build_adapters builds {', '.join(LORA_METHODS)}")
     if section.init_from:
@@ -140,6 +148,21 @@ def build_adapters(model, section: AdapterSection, base_dtype=None, key: str = "
     else:
         apply_adapters(model, section, base_dtype, key)
     return model, section
+
+
+def _build_prompt_adapter(model, section: AdapterSection, key: str, tokenizer) -> AdapterSection:
+    from fastsft.adapters.prompt_peft import PEFT_TYPES, build_from_section
+
+    if section.init_from:  # the directory decides the method: P-tuning comes back folded, as prompt tuning
+        peft_type = read_adapter_config(section.init_from).get("peft_type")
+        wanted = "prefix_tuning" if section.method == "prefix_tuning" else ("prompt_tuning", "p_tuning")
+        if peft_type not in PEFT_TYPES.values() or {v: k for k, v in PEFT_TYPES.items()}[peft_type] not in wanted:
+            raise ValueError(f"{key}.init_from={section.init_from}: a {peft_type} adapter, but {key}.method is "
+                             f"{section.method}; set {key}.method to match the adapter")
+    adapter = build_from_section(model, section, tokenizer, key=key)
+    if section.init_from:
+        section = replace(section, method=adapter.config.method, num_virtual_tokens=adapter.config.num_virtual_tokens)
+    return section
 
 
 def read_adapter_config(directory: str | Path) -> dict:
@@ -259,6 +282,10 @@ def save_merged(model: nn.Module, out: str | Path, dtype: torch.dtype = torch.bf
     in `dtype`. Modifies `model` in place (it becomes a plain Transformer)."""
     from fastsft.hf_checkpoint import save_pretrained
 
+    if getattr(model, "prompt_adapter", None) is not None:
+        raise ValueError("--merge: prompt tuning, P-tuning and prefix tuning add inputs or keys, not weight updates: "
+                         "there is nothing to merge; export the PEFT adapter directory (drop --merge)")
+
     merge_adapters(model, dtype)
     return save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)
 
@@ -269,15 +296,15 @@ def save_merged(model: nn.Module, out: str | Path, dtype: torch.dtype = torch.bf
 
 
 def adapter_run_config(checkpoint: str | Path) -> dict | None:
-    """The saved train config (config.yaml) of a fastsft checkpoint when that run trained LoRA-family adapters,
-    else None."""
+    """The saved train config (config.yaml) of a fastsft checkpoint when that run trained adapters (LoRA family or
+    prompt methods), else None."""
     import yaml
 
     path = Path(checkpoint) / "config.yaml"
     if not path.is_file():
         return None
     cfg = yaml.safe_load(path.read_text()) or {}
-    return cfg if (cfg.get("adapter") or {}).get("method") in LORA_METHODS else None
+    return cfg if (cfg.get("adapter") or {}).get("method") in LORA_METHODS + PROMPT_METHODS else None
 
 
 def load_adapter_checkpoint(checkpoint: str | Path, device="cpu", base: str | Path | None = None):
@@ -304,7 +331,12 @@ def load_adapter_checkpoint(checkpoint: str | Path, device="cpu", base: str | Pa
 
 def apply_peft_dir(model: nn.Module, directory: str | Path, method: str | None = None) -> AdapterSection:
     """Put the PEFT adapter of `directory` on `model` (a base Transformer), in place; returns the section used.
-    `method` qlora keeps the base in NF4; default: lora or dora as the adapter says."""
-    use_dora = bool(read_adapter_config(directory).get("use_dora", False))
+    `method` qlora keeps the base in NF4; default: lora or dora as the adapter says (or the prompt method of a
+    PROMPT_TUNING, P_TUNING or PREFIX_TUNING adapter)."""
+    config = read_adapter_config(directory)
+    if config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+        method = "prefix_tuning" if config["peft_type"] == "PREFIX_TUNING" else "prompt_tuning"
+        return build_adapters(model, AdapterSection(method=method, init_from=str(directory)))[1]
+    use_dora = bool(config.get("use_dora", False))
     section = AdapterSection(method=method or ("dora" if use_dora else "lora"), init_from=str(directory))
     return build_adapters(model, section)[1]
