@@ -307,9 +307,11 @@ def adapter_run_config(checkpoint: str | Path) -> dict | None:
     return cfg if (cfg.get("adapter") or {}).get("method") in LORA_METHODS + PROMPT_METHODS else None
 
 
-def load_adapter_checkpoint(checkpoint: str | Path, device="cpu", base: str | Path | None = None):
+def load_adapter_checkpoint(checkpoint: str | Path, state: dict[str, torch.Tensor], device="cpu",
+                            base: str | Path | None = None):
     """(model, adapter section, base directory) of a fastsft checkpoint that holds only adapters: the base model
-    is loaded from the run's model.path (or `base`), the adapters rebuilt and their trained tensors loaded."""
+    is loaded from the run's model.path (or `base`), the adapters rebuilt from its config.yaml and `state` (the
+    checkpoint's trained tensors, read by fastsft.train.checkpoint) loaded into them."""
     from fastsft.hf_checkpoint import load_pretrained
 
     checkpoint = Path(checkpoint)
@@ -324,8 +326,7 @@ def load_adapter_checkpoint(checkpoint: str | Path, device="cpu", base: str | Pa
                                 f"directory here; pass --base DIR (the same base model)")
     model = load_pretrained(base, device=device)
     model, section = build_adapters(model, section)
-    state = torch.load(checkpoint / "model.pt", map_location=device, weights_only=True)
-    load_adapter_state(model, state, str(checkpoint))
+    load_adapter_state(model, {k: v.to(device) for k, v in state.items()}, str(checkpoint))
     return model, section, str(base)
 
 

@@ -290,12 +290,13 @@ def _shard_dim(value: torch.Tensor, name: str) -> int | None:
     return placements[0].dim
 
 
-def _state_dicts(model, optimizer) -> tuple[dict, dict]:
+def _state_dicts(model, optimizer, trainable_only: bool = False) -> tuple[dict, dict]:
     """(model state, optimizer state) keyed by parameter name, as torch.distributed.checkpoint.state_dict gives them
-    (the optimizer's state is created if it has none yet, so a fresh optimizer has a template to load into)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    (the optimizer's state is created if it has none yet, so a fresh optimizer has a template to load into).
+    trainable_only: the frozen parameters are left out (adapter runs: the base comes from model.path)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only))
 
 
 def _flat_optimizer(optim_state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -370,6 +371,7 @@ def save(
     trainer_state: dict,
     write_shared: Callable[[Path], None],
     info: distributed.DistInfo,
+    trainable_only: bool = False,
 ) -> Path:
     """Write one complete checkpoint (every rank calls this) and return its final path.
 
@@ -389,7 +391,7 @@ def save(
     if problem:
         raise CheckpointError(problem)
 
-    model_state, optim_state = _state_dicts(model, optimizer)
+    model_state, optim_state = _state_dicts(model, optimizer, trainable_only)
     optim_tensors, groups = _flat_optimizer(optim_state)
     rng_plain, rng_tensors = capture_rng_state()
     rank = info.rank
@@ -472,10 +474,10 @@ def _copy_into(template: dict, loaded: dict[str, torch.Tensor], file: Path, pref
 
 
 def load(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         info: distributed.DistInfo) -> tuple[dict, dict]:
+         info: distributed.DistInfo, trainable_only: bool = False) -> tuple[dict, dict]:
     """Load model, optimizer and RNG state of this rank from a checkpoint written by the same number of processes.
     Returns (trainer_state, this rank's JSON state: schedule, loader position). Verify it first (find_resumable)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     path = Path(path)
     manifest = read_checksums(path)
@@ -486,7 +488,7 @@ def load(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Opt
         )
     trainer_state = read_trainer_state(path)
     rank = info.rank
-    model_state, optim_state = _state_dicts(model, optimizer)
+    model_state, optim_state = _state_dicts(model, optimizer, trainable_only)
     _copy_into(model_state, _load_tensors(path / model_file(rank)), path / model_file(rank))
     extra = _load_tensors(path / state_file(rank))
     plain = read_json(path / state_json(rank))
@@ -504,7 +506,8 @@ def load(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Opt
         for key, value in saved.items():
             if key != "params":
                 template[key] = tuple(value) if isinstance(template.get(key), tuple) else value
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)  # names checked above
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
     if "rng/torch" not in extra or "rng" not in plain:
         raise CheckpointError(f"{path / state_file(rank)}: no RNG state")
     restore_rng_state(plain["rng"], {k: v for k, v in extra.items() if k.startswith("rng/")})

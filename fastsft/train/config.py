@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from fastsft.adapters.config import AdapterSection, validate_adapter
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message says what, where and what to do."""
@@ -129,6 +131,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,6 +436,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
         raise ConfigError("set train.max_steps > 0 or train.num_train_epochs > 0 (both are <= 0: the run would do nothing)")
+    try:
+        validate_adapter(cfg.adapter)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.model.path is None and cfg.model.hidden_size % cfg.model.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size ({cfg.model.hidden_size}) must be divisible by model.num_attention_heads ({cfg.model.num_attention_heads})"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastsft.adapters.peft_io import adapter_run_config, apply_peft_dir, load_adapter_checkpoint, read_adapter_config
 from fastsft.adapters.prompt_peft import load_peft_prompt_adapter
 from fastsft.data.tokenizer import load_tokenizer
 from fastsft.generate import generate_batch
@@ -51,7 +52,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         raise FileNotFoundError(f"--model {path}: no such directory")
     if not is_fastsft_checkpoint(path):
         return load_pretrained(path, dtype=dtype, device=device)
-    model = checkpoint_model(ckpt.resolve(path))  # verified against its checksums; an older format is an error
+    path = ckpt.resolve(path)  # verified against its checksums; an older format is an error
+    if adapter_run_config(path) is not None:  # adapters only: the base from the run's model.path, adapters on top
+        return load_adapter_checkpoint(path, ckpt.load_model_state(path), device=device)[0]
+    model = checkpoint_model(path)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
@@ -78,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (default: the model's)")
     parser.add_argument("--adapter", default=None, metavar="DIR",
-                        help="a PEFT adapter directory to apply to --model (prompt tuning, P-tuning, prefix tuning)")
+                        help="a PEFT adapter directory to apply to --model (LoRA/DoRA, e.g. from fastsft export; prompt "
+                             "tuning, P-tuning, prefix tuning)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
@@ -97,7 +102,10 @@ def run(args) -> int:
         tokenizer = load_tokenizer_for(path, args.tokenizer)
         model = load_model(path, device=device)
         if args.adapter:
-            load_peft_prompt_adapter(model, args.adapter)
+            if read_adapter_config(args.adapter).get("peft_type") == "LORA":
+                apply_peft_dir(model, args.adapter)
+            else:
+                load_peft_prompt_adapter(model, args.adapter)
     except (FileNotFoundError, ValueError) as e:
         print(f"fastsft generate: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from fastsft._fsutil import DirectoryLock
+from fastsft.adapters.config import LORA_METHODS
 from fastsft.train import build, distributed, evaluation
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.build import RunError
@@ -106,13 +107,18 @@ class Trainer:
 
             self.precision = step_lib.resolve_precision(cfg.train.precision, cfg.model.dtype, info.device.type,
                                                         sharded=info.enabled)
-            model = build.build_model(cfg, self.tokenizer.vocab_size, info.device, self.precision.param_dtype)
+            self.adapter = None  # the LoRA-family adapter section in use (fastsft.adapters), None: full fine-tuning
+            adapted = cfg.adapter.method in LORA_METHODS
+            model = build.build_model(cfg, self.tokenizer.vocab_size, info.device,
+                                      self._base_dtype() if adapted else self.precision.param_dtype)
             self.model_config = model.config
             self.param_dtype = model.embed_tokens.weight.dtype
             self.num_parameters = model.num_parameters()
             self.flops_per_token = model.flops_per_token(build.attention_context(self.train_data, cfg.data.seq_len))
             if cfg.train.freeze:
                 step_lib.freeze_parameters(model, cfg.train.freeze)
+            if adapted:
+                model, self.adapter = self._build_adapters(model)
             if cfg.train.gradient_checkpointing:
                 step_lib.apply_activation_checkpointing(model)
             if info.enabled:
@@ -144,6 +150,27 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    def _base_dtype(self) -> torch.dtype:
+        """An adapter run keeps its frozen base in the compute dtype: bf16 under bf16 autocast (no fp32 copy), else
+        the parameter dtype. The adapters themselves are fp32 masters."""
+        return torch.bfloat16 if self.precision.autocast_dtype == torch.bfloat16 else self.precision.param_dtype
+
+    def _build_adapters(self, model):
+        from fastsft.adapters.peft_io import build_adapters
+
+        cfg = self.cfg
+        if not cfg.model.path:
+            raise RunError(f"adapter.method={cfg.adapter.method} trains adapters on a pretrained base: pass --model DIR "
+                           "(model.path)")
+        try:
+            model, section = build_adapters(model, cfg.adapter, self._base_dtype())
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise RunError(str(e)) from None
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.say(f"adapter: {section.method} r={section.rank}, {trainable:,} trainable parameters of "
+                 f"{sum(p.numel() for p in model.parameters()):,}")
+        return model, section
 
     def _claim_out_dir(self) -> None:
         """Create --out and take its lock (one run per output directory), or a RunError saying what is wrong."""
@@ -208,7 +235,7 @@ class Trainer:
             rank_state={"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()},
             trainer_state={"loop": asdict(self.state), "total_steps": self.total_steps,
                            "world_size": info.world_size, "tokenizer": self.tokenizer.identity()},
-            write_shared=self._write_extras, info=info,
+            write_shared=self._write_extras, info=info, trainable_only=self.adapter is not None,
         )
         if info.is_main:
             keep = (Path(self.state.best_checkpoint),) if self.state.best_checkpoint else ()
@@ -218,7 +245,8 @@ class Trainer:
         return path
 
     def load(self, path: Path) -> None:
-        trainer_state, rank_state = ckpt.load(path, model=self.model, optimizer=self.optimizer, info=self.info)
+        trainer_state, rank_state = ckpt.load(path, model=self.model, optimizer=self.optimizer, info=self.info,
+                                              trainable_only=self.adapter is not None)
         try:
             self.scheduler.load_state_dict(rank_state["scheduler"])
             self.loader.load_state_dict(rank_state["loader"])
