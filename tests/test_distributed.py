@@ -1,5 +1,6 @@
 """Two processes with FSDP2 on CPU (gloo) under torchrun: 2 ranks x b rows per step give the same loss curve and
-weights as 1 rank x 2b rows, through a sharded save (one safetensors file per rank) and resume."""
+weights as 1 rank x 2b rows, through a sharded save (one safetensors file per rank) and resume, and the resumed run
+ends bitwise equal to an uninterrupted two-process run."""
 
 import json
 import os
@@ -78,3 +79,16 @@ def test_two_ranks_match_one_rank_with_twice_the_rows(tmp_path):
         torch.testing.assert_close(full_two[name], full_one[name], rtol=1e-5, atol=1e-5)
     state = json.loads((ckpt.latest_checkpoint(sharded) / ckpt.STATE_JSON).read_text())
     assert state["world_size"] == 2 and state["step"] == 4
+
+    # The stopped and resumed two-process run ends bitwise where an uninterrupted two-process run does: every rank's
+    # weights, optimizer moments and RNG states.
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    _torchrun(straight, data_dir, train__gradient_accumulation_steps=2)
+    for name in ("model-rank0", "model-rank1", "state-rank0", "state-rank1"):
+        a = load_file(ckpt.latest_checkpoint(sharded) / f"{name}.safetensors")
+        b = load_file(ckpt.latest_checkpoint(straight) / f"{name}.safetensors")
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key}"
