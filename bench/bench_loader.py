@@ -8,7 +8,8 @@ Measured, for seq_len 4096 and 16384 (max_docs = seq_len // 32, the default shuf
 - packing efficiency: packed (non-padding) tokens / (rows * seq_len) over a full epoch plan, and the planning time;
 - assembly throughput: row positions filled (rows * seq_len) per CPU-second of the one thread doing it
   (time.thread_time, so a busy shared machine does not distort it), C++ and numpy on the same rows into preallocated
-  buffers, alternated, median of repeats; also the best wall-clock repeat;
+  buffers, alternated, median of repeats; also the best wall-clock repeat; C++ both ways: guarded memory map (what
+  the loader uses) and pread per document (`Corpus(..., mmap=False)`, the reader it replaced);
 - the whole loader (PackedLoader iteration, prefetch thread, torch buffers), positions per CPU-second and per second;
 - the loss bucket `fastsft train` picks (loss_bucket="auto"): its size, the share of lm_head rows skipped, packing
   with it, and the share of supervised positions it cuts.
@@ -99,8 +100,8 @@ def assembly_setup(loader):
     return row_ptr, row_docs, rows, out
 
 
-def assemble_cpp(loader, row_ptr, row_docs, rows, out):
-    corpus = loader._impl.corpus
+def assemble_cpp(loader, row_ptr, row_docs, rows, out, corpus=None):
+    corpus = loader._impl.corpus if corpus is None else corpus
     args = [out[k] for k in ("input_ids", "position_ids", "labels", "cu_seqlens", "loss_positions", "counts")]
     for start in range(0, len(rows), ROWS_PER_CALL):
         _C.assemble_rows(corpus, row_ptr, row_docs, loader.eff_len, rows[start:start + ROWS_PER_CALL], *args)
@@ -118,16 +119,24 @@ def measure_assembly(loader, repeats: int = 7) -> dict:
     row_ptr, row_docs, rows, out = assembly_setup(loader)
     positions = len(rows) * loader.seq_len
     packed = int(loader.eff_len[row_docs[row_ptr[0]:row_ptr[len(rows)]]].sum())
-    cpu = {"cpp": [], "numpy": []}
-    wall = {"cpp": [], "numpy": []}
-    for _ in range(repeats):  # alternate the two so machine noise hits both alike
-        for name, fn in (("cpp", assemble_cpp), ("numpy", assemble_numpy)):
+    pread_corpus = _C.Corpus(list(loader.dataset.shards), mmap=False)  # the pread reader, for the side-by-side
+
+    def assemble_cpp_pread(loader, *setup):
+        assemble_cpp(loader, *setup, corpus=pread_corpus)
+
+    fns = (("cpp", assemble_cpp), ("cpp_pread", assemble_cpp_pread), ("numpy", assemble_numpy))
+    cpu = {name: [] for name, _ in fns}
+    wall = {name: [] for name, _ in fns}
+    for _ in range(repeats):  # alternate them so machine noise hits all alike
+        for name, fn in fns:
             wall_start, cpu_start = time.perf_counter(), time.thread_time()
             fn(loader, row_ptr, row_docs, rows, out)
             cpu[name].append(time.thread_time() - cpu_start)
             wall[name].append(time.perf_counter() - wall_start)
     cpp_s, numpy_s = statistics.median(cpu["cpp"]), statistics.median(cpu["numpy"])
+    pread_s = statistics.median(cpu["cpp_pread"])
     return dict(
+        cpp_pread_tokens_per_cpu_s=positions / pread_s, mmap_over_pread=pread_s / cpp_s,
         assembly_rows=len(rows), assembly_positions=positions, assembly_packed_tokens=packed,
         cpp_tokens_per_cpu_s=positions / cpp_s, numpy_tokens_per_cpu_s=positions / numpy_s, speedup=numpy_s / cpp_s,
         cpp_tokens_per_wall_s_best=positions / min(wall["cpp"]),
@@ -161,12 +170,14 @@ def run(num_docs: int) -> dict:
         for seq_len in SEQ_LENS:
             packing, loader = measure_packing(dataset, seq_len)
             results[str(seq_len)] = {**packing, **measure_assembly(loader), **measure_loader(dataset, seq_len)}
-    header = (f"{'seq_len':>8} {'max_docs':>8} {'packing':>9} {'plan s':>7} {'C++ tok/s':>10} {'numpy tok/s':>11} "
-              f"{'speedup':>8} {'loader tok/s':>12}   (tokens per CPU-second of one thread; loader: of the process)")
+    header = (f"{'seq_len':>8} {'max_docs':>8} {'packing':>9} {'plan s':>7} {'C++ tok/s':>10} {'pread tok/s':>11} "
+              f"{'numpy tok/s':>11} {'speedup':>8} {'loader tok/s':>12}   (tokens per CPU-second of one thread; "
+              "loader: of the process)")
     print(header)
     for seq_len, r in results.items():
         print(f"{seq_len:>8} {r['max_docs']:>8} {r['packing_efficiency']:>9.4%} {r['plan_s']:>7.3f} "
-              f"{r['cpp_tokens_per_cpu_s']:>10.3e} {r['numpy_tokens_per_cpu_s']:>11.3e} {r['speedup']:>7.1f}x "
+              f"{r['cpp_tokens_per_cpu_s']:>10.3e} {r['cpp_pread_tokens_per_cpu_s']:>11.3e} "
+              f"{r['numpy_tokens_per_cpu_s']:>11.3e} {r['speedup']:>7.1f}x "
               f"{r['loader_tokens_per_cpu_s']:>12.3e}")
     print(f"{'seq_len':>8} {'bucket':>7} {'lm_head rows skipped':>21} {'packing':>9} {'supervised cut':>15} "
           f"{'choose s':>9}   (loss_bucket='auto', as fastsft train uses it)")

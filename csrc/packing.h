@@ -45,8 +45,10 @@ void shuffle_in_place(std::vector<T>& items, SplitMix64& rng) {
   }
 }
 
-// One shard file, as validated by fastsft/data/shards.py, read with pread (never memory-mapped: a file truncated in
-// place while open must give an error naming it, not a SIGBUS). The file descriptor stays owned by Python.
+// One shard file, as validated by fastsft/data/shards.py. Batch assembly reads it through a read-only memory map
+// (`base`, owned by bindings.cpp's PyCorpus) under a SIGBUS guard (assembly.cpp): a file truncated in place while
+// mapped is a ShardReadError naming it, never a crash. base == nullptr: pread only (Corpus(..., mmap=False)). The
+// length scan always uses pread. The file descriptor stays owned by Python.
 struct ShardView {
   int fd;
   int itemsize;              // token bytes: 2 (uint16) or 4 (uint32)
@@ -56,6 +58,8 @@ struct ShardView {
   int64_t num_docs;
   int64_t num_tokens;
   std::string path;
+  const uint8_t* base = nullptr;  // the whole file mapped PROT_READ, or nullptr
+  int64_t map_size = 0;           // bytes mapped (the file size when the corpus was built)
 };
 
 // A read that came back short or failed: the message names the file (bindings.cpp maps it to a Python error).

@@ -53,6 +53,73 @@ def test_truncated_in_place_is_an_error_not_sigbus(tmp_path, backend, prefetch):
     assert f"caught: {path}: read " in result.stdout and "truncated or replaced in place" in result.stdout
 
 
+_MAPPED_TRUNCATION = """
+    import os, sys
+    import numpy as np
+    from fastsft import _C
+    from fastsft.data import packing_ref
+    from fastsft.data.shards import open_shards
+    dataset = open_shards({tmp!r})
+    corpus = _C.Corpus(list(dataset.shards))  # mmap=True: the loader's reader
+    assert corpus.mmap
+    eff_len = np.asarray(dataset.lengths, np.int64)
+    out = packing_ref.allocate_batch_buffers(1, 64, 8, 64)
+    args = [out[k] for k in ("input_ids", "position_ids", "labels", "cu_seqlens", "loss_positions", "counts")]
+    def assemble(doc):
+        _C.assemble_rows(corpus, np.array([0, 1], np.int64), np.array([doc], np.int64), eff_len,
+                         np.zeros(1, np.int64), *args)
+    assemble(len(dataset) - 1)  # installs the guard; the file is whole
+    os.truncate({path!r}, {keep})
+    try:
+        assemble({doc})
+    except _C.ShardReadError as e:
+        print("caught:", e)
+    {after}
+"""
+
+
+@pytest.mark.parametrize("where", ["fault", "last_page"])
+def test_mapped_read_of_truncated_shard_is_an_error(tmp_path, where):
+    """The C++ loader reads a memory map under a SIGBUS guard (csrc/assembly.cpp). A document past the truncated
+    file's last page faults: the guard turns the fault into a ShardReadError naming the file. A document in the last,
+    partly kept page reads zeros without a fault: the fstat after the copy reports it. Python's faulthandler is on
+    (as under pytest), so the guard runs in front of another SIGBUS handler."""
+    path = write_shards(tmp_path, n_docs=3000)  # ~60k tokens: tokens and mask span many pages
+    dataset = open_shards(tmp_path)
+    if where == "fault":  # keep one page; the last document lies many pages further
+        keep, how = 4096, "a fault in its memory map"
+    else:  # cut the last byte (the last document's last mask byte): a mapped page, bytes past the end read as 0
+        keep, how = path.stat().st_size - 1, "file size checked after the copy"
+        assert keep % 4096 != 0
+    doc = len(dataset) - 1
+    script = textwrap.dedent(_MAPPED_TRUNCATION).format(tmp=str(tmp_path), path=str(path), keep=keep, doc=doc,
+                                                          after="print('alive')")
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert f"caught: {path}: read {keep} of " in result.stdout and how in result.stdout, result.stdout
+    assert "truncated or replaced in place" in result.stdout and "alive" in result.stdout
+    assert "Fatal Python error" not in result.stderr  # the guard handled it; faulthandler never saw it
+
+
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_sigbus_outside_the_guard_still_kills(tmp_path, faulthandler):
+    """The guard claims only faults inside a shard map while this thread assembles: any other SIGBUS (here a Python
+    mmap of the truncated file) reaches the handler installed before it (faulthandler) or the default action."""
+    path = write_shards(tmp_path, n_docs=3000)
+    other = tmp_path / "other.bin"
+    other.write_bytes(bytes(3 * 4096))
+    after = ("import mmap; m = mmap.mmap(os.open({p!r}, os.O_RDONLY), 0, prot=mmap.PROT_READ); "
+             "os.truncate({p!r}, 10); print(m[9000]); print('survived')").format(p=str(other))
+    script = textwrap.dedent(_MAPPED_TRUNCATION).format(tmp=str(tmp_path), path=str(path), keep=4096,
+                                                          doc=len(open_shards(tmp_path)) - 1, after=after)
+    flags = ["-X", "faulthandler"] if faulthandler else []
+    result = subprocess.run([sys.executable, *flags, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "caught:" in result.stdout  # the guarded fault was an error first
+    assert result.returncode == -7 and "survived" not in result.stdout, (result.returncode, result.stdout)
+    assert ("Fatal Python error: Bus error" in result.stderr) == faulthandler, result.stderr[-2000:]
+
+
 def test_truncated_before_planning_is_an_error(tmp_path):
     """The length scan (loss positions per document) reads the masks too: same clear error."""
     path = write_shards(tmp_path)

@@ -1,6 +1,6 @@
 """`PackedLoader`: verified shards -> packed `Batch` rows (the batch contract, fastsft/data/batch.py).
 
-Flow: open_shards (verified; read with pread, never mapped) -> effective lengths and supervised positions (once) ->
+Flow: open_shards (verified; C++ assembly reads a SIGBUS-guarded map, the rest pread) -> effective lengths and supervised positions (once) ->
 [loss_bucket="auto": choose_loss_bucket] -> plan of the epoch (seeded shuffle, best-fit-decreasing per window under
 the row and loss-bucket budgets, rank split; once per epoch) -> batch assembly in a background thread (C++
 `fastsft._C`, GIL released, each document checked against the vocabulary, into pinned memory when CUDA is present)
@@ -48,7 +48,10 @@ class _CppBackend:
                                "(or python3 setup.py build_ext --inplace)")
         self._C = _C
         self.vocab_size = vocab_size or 0
-        self.corpus = _C.Corpus(list(dataset.shards))
+        try:  # maps every shard for batch assembly (csrc/assembly.cpp: why a guarded map, not pread)
+            self.corpus = _C.Corpus(list(dataset.shards))
+        except _C.ShardReadError as e:
+            raise ShardError(str(e)) from None
 
     def effective_lengths(self, seq_len, loss_bucket, long_docs):
         bucket = -1 if loss_bucket is None else loss_bucket
