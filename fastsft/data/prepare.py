@@ -17,6 +17,8 @@ the next prepare of the same OUT. An OUT that already holds a dataset is replace
 --overwrite. Bad records stop prepare with their file, line and field unless --skip-bad (then they are counted, and a
 few examples kept in the manifest); a malformed .json list (as opposed to one bad .jsonl line) always stops it,
 since nothing after the error can be located.
+
+(Over 500 lines on purpose: the staging, worker pool, split and manifest steps of one command read best in one file.)
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ under a SIGBUS guard that turns a fault in a truncated map into the same error (
 
 Writing: each shard's tokens and mask stream to temporary files; the shard is assembled under a temporary name,
 fsynced, and renamed into place, so a crash never leaves a half-written shard under a final name.
+
+(Over 500 lines on purpose: the format's layout, writer, reader and checks stay in one file, as Megatron keeps its
+indexed dataset.)
 """
 
 from __future__ import annotations

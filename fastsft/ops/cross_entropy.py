@@ -38,6 +38,9 @@ Custom ops (softcap 0.0 = off; labels any integer dtype; every input already fla
 Masked tokens: with `loss_positions` only those rows are gathered before any matmul (fixed shape: the bucket); the
 kernels skip rows labelled ignore_index (filler, or every masked token when no loss_positions is given), but the
 matmuls of those rows are still paid - see fastsft/kernels/linear_cross_entropy.py for why.
+
+(Over 500 lines on purpose: both losses share the semantics above, the backend switch and the reference; splitting them
+would repeat that contract.)
 """
 
 from __future__ import annotations
