@@ -320,6 +320,8 @@ def load_adapter_checkpoint(checkpoint: str | Path, state: dict[str, torch.Tenso
         raise ValueError(f"{checkpoint}: not a checkpoint of an adapter run (config.yaml adapter.method)")
     fields = AdapterSection.__dataclass_fields__
     section = AdapterSection(**{k: v for k, v in cfg["adapter"].items() if k in fields})
+    if section.method in PROMPT_METHODS:  # the trained prompts come from the checkpoint: no text to tokenize
+        section = replace(section, prompt_init="random", prompt_init_text=None)
     base = Path(base or (cfg.get("model") or {}).get("path") or "")
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: trained adapters on the base model {str(base)!r}, which is not a model "

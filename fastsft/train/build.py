@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fastsft.adapters.config import prompt_row_tokens
 from fastsft.train import distributed
 from fastsft.train.config import TrainConfig
 
@@ -182,6 +183,7 @@ def make_loader(dataset, cfg: TrainConfig, info: distributed.DistInfo, seed: int
         long_docs=cfg.data.long_docs,
         prefetch=cfg.data.prefetch,
         loss_bucket="auto",  # loss over the supervised positions only, bucket chosen from the data
+        virtual_tokens=prompt_row_tokens(cfg.adapter),  # prompt / P-tuning slots before each document
     )
 
 

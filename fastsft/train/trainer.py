@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fastsft._fsutil import DirectoryLock
-from fastsft.adapters.config import LORA_METHODS
+from fastsft.adapters.config import PROMPT_METHODS
 from fastsft.train import build, distributed, evaluation
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.build import RunError
@@ -108,7 +108,7 @@ class Trainer:
             self.precision = step_lib.resolve_precision(cfg.train.precision, cfg.model.dtype, info.device.type,
                                                         sharded=info.enabled)
             self.adapter = None  # the LoRA-family adapter section in use (fastsft.adapters), None: full fine-tuning
-            adapted = cfg.adapter.method in LORA_METHODS
+            adapted = cfg.adapter.method != "none"
             model = build.build_model(cfg, self.tokenizer.vocab_size, info.device,
                                       self._base_dtype() if adapted else self.precision.param_dtype)
             self.model_config = model.config
@@ -164,11 +164,12 @@ class Trainer:
             raise RunError(f"adapter.method={cfg.adapter.method} trains adapters on a pretrained base: pass --model DIR "
                            "(model.path)")
         try:
-            model, section = build_adapters(model, cfg.adapter, self._base_dtype())
+            model, section = build_adapters(model, cfg.adapter, self._base_dtype(), tokenizer=self.tokenizer)
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise RunError(str(e)) from None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.say(f"adapter: {section.method} r={section.rank}, {trainable:,} trainable parameters of "
+        size = f"{section.num_virtual_tokens} virtual tokens" if section.method in PROMPT_METHODS else f"r={section.rank}"
+        self.say(f"adapter: {section.method} {size}, {trainable:,} trainable parameters of "
                  f"{sum(p.numel() for p in model.parameters()):,}")
         return model, section
 
