@@ -1,6 +1,7 @@
 """Two processes with FSDP2 on CPU (gloo) under torchrun: 2 ranks x b rows per step give the same loss curve and
 weights as 1 rank x 2b rows, through a sharded save (one safetensors file per rank) and resume, and the resumed run
-ends bitwise equal to an uninterrupted two-process run."""
+ends bitwise equal to an uninterrupted two-process run. Adapter training (lora, prefix_tuning) under FSDP2 follows the
+one-rank run step for step and ends with the same adapter tensors."""
 
 import json
 import os
@@ -92,3 +93,39 @@ def test_two_ranks_match_one_rank_with_twice_the_rows(tmp_path):
         assert a.keys() == b.keys() and a
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key}"
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+def test_adapter_training_two_ranks_match_one_rank(method, tmp_path):
+    """Adapters (`adapter.method`) under FSDP2: 2 ranks x b rows per step follow 1 rank x 2b rows step for step, and
+    the checkpoint's adapter tensors (shards put back together) equal the one-rank run's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    data_dir = tmp_path / "data"
+    write_tiny_data(data_dir)
+    torch.manual_seed(0)
+    base = tmp_path / "base"  # a tiny pretrained base; the byte tokenizer's 263 ids fit
+    LlamaForCausalLM(LlamaConfig(vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=False)).save_pretrained(base)
+    extra = dict(model__path=str(base), adapter__method=method, adapter__rank=4, train__max_steps=3,
+                 eval__generation_samples=0, optim__learning_rate=3e-2)
+
+    single = tmp_path / "single"
+    Trainer(tiny_config(single, data_dir, train__gradient_accumulation_steps=4, **{**COMMON, **extra})).fit()
+    sharded = tmp_path / "sharded"
+    assert "x 2 ranks" in _torchrun(sharded, data_dir, train__gradient_accumulation_steps=2, **extra)
+    state = json.loads((ckpt.latest_checkpoint(sharded) / ckpt.STATE_JSON).read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+
+    one, two = _losses(single), _losses(sharded)
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-6)
+        assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4)
+
+    full_one = ckpt.load_model_state(ckpt.latest_checkpoint(single))
+    full_two = ckpt.load_model_state(ckpt.latest_checkpoint(sharded))
+    assert full_one and full_one.keys() == full_two.keys()
+    for name in full_one:
+        torch.testing.assert_close(full_two[name], full_one[name], rtol=1e-5, atol=1e-6)
