@@ -3,6 +3,7 @@ coverage of every document once per epoch across ranks, determinism, resume (als
 split, the loss bucket, and the C++ extension byte-identical to the numpy reference (fastsft/data/packing_ref.py)."""
 
 import gc
+import os
 import json
 import subprocess
 import sys
@@ -365,3 +366,23 @@ def test_pinned_batches_copy_to_gpu(dataset):
         assert torch.equal(on_gpu.labels.cpu(), batch.labels) and on_gpu.num_loss_tokens == batch.num_loss_tokens
         if i == 3:
             break
+
+
+_EXIT_MID_EPOCH = """
+import sys
+from fastsft.data.loader import PackedLoader
+it = iter(PackedLoader(sys.argv[1], seq_len=64, max_docs=8, prefetch=4, verify=False))
+next(it)
+sys.exit(0)  # `it` stays alive: its prefetch thread is mid-epoch when the interpreter finalizes
+"""
+
+
+def test_exit_with_a_loader_mid_epoch_is_clean(dataset, tmp_path):
+    """A process that exits while its prefetch thread is inside the C++ assembly must not abort ("terminate called
+    without an active exception", rc -6: seen at the end of torchrun ranks before the atexit close)."""
+    script = tmp_path / "exit_mid_epoch.py"
+    script.write_text(_EXIT_MID_EPOCH)
+    shard_dir = os.path.dirname(dataset.files[0])
+    codes = [subprocess.run([sys.executable, str(script), shard_dir], capture_output=True, text=True).returncode
+             for _ in range(12)]
+    assert codes == [0] * 12, codes

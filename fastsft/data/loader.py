@@ -13,10 +13,12 @@ so `load_state_dict()` re-plans the epoch and skips to the index.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import queue
 import threading
+import weakref
 import zlib
 
 import numpy as np
@@ -446,6 +448,7 @@ class _Prefetcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(batches,), name="fastsft-prefetch", daemon=True)
         self._thread.start()
+        _LIVE_PREFETCHERS.add(self)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -477,3 +480,16 @@ class _Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+# A prefetch thread still inside a C++ call (GIL released) when the interpreter finalizes is killed as it takes the
+# GIL back, and that unwinding through C++ aborts the process ("terminate called without an active exception": seen
+# at the exit of a torchrun rank whose loader stopped mid-epoch). atexit runs before daemon threads are killed, so
+# every live prefetcher is stopped and joined there.
+_LIVE_PREFETCHERS: "weakref.WeakSet[_Prefetcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_prefetchers() -> None:
+    for prefetcher in list(_LIVE_PREFETCHERS):
+        prefetcher.close()
