@@ -14,6 +14,9 @@ on the built Trainer (e.g. wraps `trainer.train_step`) rather than patching the 
 Host syncs: the step's metrics are device tensors; they are read once per logging interval (and at evaluations and
 saves), never per step. The host numbers the loop needs per step (supervised-token counts, a stop flag) come from
 the loader and the signal handler, and are all-reduced on CPU tensors across ranks.
+
+(Over 500 lines on purpose: the loop, its logging, evaluation calls and checkpoint calls share the run's state;
+every component it uses is built elsewhere, in fastsft/train/build.py.)
 """
 
 from __future__ import annotations
