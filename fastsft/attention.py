@@ -209,8 +209,12 @@ def loop_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
     out = torch.zeros_like(q)
-    # Host sync, on purpose: this is the per-document reference (tests, debugging). It is never auto-selected; it runs
-    # only when asked for by name or FASTSFT_ATTENTION=loop, never in a compiled step.
+    # Host sync, on purpose: this is the per-document reference (tests, debugging). select_backend never picks it on
+    # its own (sdpa always comes first); it runs only when asked for by name or FASTSFT_ATTENTION=loop, and it refuses
+    # to run inside a compiled step, where the sync would break the graph.
+    if torch.compiler.is_compiling():
+        raise RuntimeError("attention backend 'loop' is the per-document reference and syncs with the host: it cannot "
+                           "run under torch.compile; use sdpa (CPU) or flash / torch_varlen (CUDA)")
     offsets = cu_seqlens.tolist()
     key_offsets = offsets if cu_seqlens_k is None else cu_seqlens_k.tolist()
     for i, (start, end) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):

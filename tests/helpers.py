@@ -251,3 +251,17 @@ def stop_after(trainer, step: int):
 
     trainer.train_step = step_then_signal
     return trainer
+
+
+TINY_BASE = dict(vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def save_tiny_base(path: Path, **overrides) -> Path:
+    """A tiny pretrained base with random weights (seed 0) as a Hugging Face directory; the byte tokenizer's 263 ids
+    fit its vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**TINY_BASE, **overrides})).save_pretrained(path)
+    return path

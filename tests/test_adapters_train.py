@@ -8,14 +8,11 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_weights, final_weights, stop_after, tiny_config, write_tiny_data
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import assert_same_weights, final_weights, save_tiny_base, stop_after, tiny_config, write_tiny_data
 
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.trainer import Trainer
 
-BASE = dict(vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +22,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A tiny pretrained base (random weights) as a Hugging Face directory; the byte tokenizer's 263 ids fit."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "hf"
-    LlamaForCausalLM(LlamaConfig(**BASE)).save_pretrained(path)
-    return path
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "hf")
 
 
 def adapter_config(out, data_dir, base_dir, method="lora", **extra):

@@ -169,3 +169,16 @@ def test_cuda_backends_match_reference(backend, hkv):
     (varlen_attention(q, k, v, cu, 512, backend="loop") * grad_out).sum().backward()
     for mine, ref_grad in zip(got, (q.grad, k.grad, v.grad), strict=True):
         assert rel_err(mine, ref_grad) < 3e-2
+
+
+def test_loop_reference_refuses_to_run_compiled():
+    """The loop reference syncs with the host (cu_seqlens.tolist()): it is never auto-selected and refuses a compiled
+    step instead of silently breaking the graph."""
+    assert "loop" not in select_backend("cpu") and "loop" not in select_backend("cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(8, 2, 4) for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    eager = attention.loop_attention(q, k, v, cu)
+    assert eager.shape == q.shape
+    compiled = torch.compile(attention.loop_attention, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="cannot run under torch.compile"):
+        compiled(q, k, v, cu)

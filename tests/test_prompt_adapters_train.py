@@ -9,14 +9,11 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_same_weights, final_weights, stop_after, tiny_config, write_tiny_data
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import assert_same_weights, final_weights, save_tiny_base, stop_after, tiny_config, write_tiny_data
 
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.trainer import Trainer
 
-BASE = dict(vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 OPTIONS = {
     "prompt_tuning": dict(adapter__num_virtual_tokens=4),
     "p_tuning": dict(adapter__num_virtual_tokens=3, adapter__encoder_type="lstm", adapter__encoder_hidden_size=8),
@@ -31,10 +28,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "hf"
-    LlamaForCausalLM(LlamaConfig(**BASE)).save_pretrained(path)
-    return path
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "hf", max_position_embeddings=256)
 
 
 def prompt_config(out, data_dir, base_dir, method, **extra):
