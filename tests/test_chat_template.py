@@ -274,6 +274,71 @@ def test_other_template_families_match_the_reference(qwen3, style):
         check(tok, messages)
 
 
+USER_REWRITING = (  # upper-cases what users write: a shape skeleton never matches, each conversation is placed alone
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m['content'] | upper }}"
+    "{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+@pytest.mark.parametrize("style", ["own", "llama3", *STYLES, "user_rewriting"])
+def test_shape_layout_places_exactly_as_placing_alone(qwen3, llama3, style):
+    """Every conversation placed through its shape layout (a cache that starts empty) gives the placement the
+    conversation gets alone, for every template; a template that rewrites what users write is placed alone."""
+    from fastsft.data.chat_template import ShapeCache, place_assistant_turns
+
+    tok = {"own": qwen3, "llama3": llama3}.get(style) or qwen3.with_chat_template(
+        USER_REWRITING if style == "user_rewriting" else STYLES[style])
+    shapes = ShapeCache()
+    renders = []
+
+    def render(m, gen):
+        renders.append(1)
+        return tok.render(m, gen)
+
+    for messages in conversations(style, 40):
+        if style == "mistral":
+            messages = [m for k, m in enumerate(messages) if k == 0 or m["role"] != messages[k - 1]["role"]]
+        wanted = {i for i, m in enumerate(messages) if m["role"] == "assistant"}
+        alone = place_assistant_turns(render, messages, tok.probe(), wanted, tok._structural)
+        assert place_assistant_turns(render, messages, tok.probe(), wanted, tok._structural, shapes) == alone
+    if style in ("rewriting", "user_rewriting"):  # content rewritten: a verbatim match only where nothing changed
+        assert shapes.placed + shapes.mismatched == 40 and shapes.mismatched >= 30
+    else:
+        assert shapes.placed == 40 and shapes.mismatched == 0
+
+
+def test_user_rewriting_template_masks_match_the_reference(qwen3):
+    tok = qwen3.with_chat_template(USER_REWRITING)
+    for messages in conversations("user_rewriting", 80):  # 80 > 64: the cache gives up on this template part-way
+        check(tok, messages)
+    assert not tok.shapes.enabled and tok.shapes.mismatched >= 64
+
+
+def test_conversations_of_one_shape_share_one_skeleton_rendering(qwen3):
+    from fastsft.data.chat_template import ShapeCache, place_assistant_turns
+
+    rng = random.Random(7)
+    renders = []
+
+    def render(m, gen):
+        renders.append(1)
+        return qwen3.render(m, gen)
+
+    shapes = ShapeCache()
+    for k in range(30):
+        messages = [{"role": "system", "content": f"You are helper {k}."}]
+        for _ in range(2):
+            messages += [{"role": "user", "content": " ".join(rng.choice(PIECES).strip() or "x" for _ in range(3))},
+                         {"role": "assistant", "content": rng.choice(PIECES).strip() or "y"}]
+        renders.clear()
+        placement = place_assistant_turns(render, messages, qwen3.probe(), {2, 4}, qwen3._structural, shapes)
+        assert len(renders) == (2 if k == 0 else 1)  # the real text, plus the shape skeleton the first time only
+        assert placement == place_assistant_turns(render, messages, qwen3.probe(), {2, 4}, qwen3._structural)
+    assert (shapes.rendered, shapes.placed) == (1, 30)
+
+
 def test_deepseek_reasoning_not_rendered_is_reported(qwen3):
     tok = qwen3.with_chat_template(DEEPSEEK_R1)
     messages = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "<think>add</think>5"}]

@@ -5,7 +5,7 @@ the template: an assistant turn's region starts right after its assistant header
 end-of-turn marker, so it holds the turn exactly as rendered (a think block the template writes, the content, tool
 calls) and nothing of system, user or tool text, of role headers, or of the whitespace between turns.
 
-How a region is found (one extra rendering per conversation, no per-turn re-rendering):
+How a region is found (at most one extra rendering per conversation, usually none: see "Shapes" below):
 1. The conversation is rendered as it is (`text`, what the model is trained on) and once more as a *skeleton*: every
    assistant content and reasoning replaced by unique sentinels (`\\ue000N\\ue001`, private-use characters). Only
    the non-whitespace core of each piece is replaced, and the text of the tokenizer's added tokens (`<think>`,
@@ -22,6 +22,15 @@ How a region is found (one extra rendering per conversation, no per-turn re-rend
    in order and disjoint, and the region ends with the end-of-turn marker. A turn that fails any of them is an error
    naming its number among the assistant turns (1-based); nothing is guessed.
 
+Shapes: the skeleton rendering is shared between conversations of one shape. A *shape skeleton* replaces the text of
+every message (not only the assistant's) the same way, so it depends only on roles, the whitespace around each text,
+the added tokens inside them, tool calls, tools and keyword arguments; its rendering and the regions found in it are
+cached (`ShapeCache`). A conversation whose real rendering equals its shape skeleton with every sentinel replaced by
+its text (the template rendered every piece verbatim, in place: checked by one string comparison) takes its regions
+from the cache, mapped through that exact correspondence. Any other conversation (a template that rewrites what a
+user or an assistant wrote) is placed alone as in steps 1-4, and the cache stops being tried after many such
+conversations. Both ways give the same placement (tests/test_chat_template.py checks it for every template there).
+
 Tokens: a token is trained when any of its characters lies inside a region (so a token that straddles a boundary,
 e.g. a BPE merge of the header's last newline with the content's first, is trained: no character of the answer is
 ever left out). Special tokens never straddle, so the end-of-turn token is always trained and the header's special
@@ -33,6 +42,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from fastsft.data.formats import DataError
@@ -140,142 +150,281 @@ def _skeleton_text(text: str, structural, make_sentinel) -> str:
 
 
 def place_assistant_turns(render, messages: list[dict], probe: Probe, wanted: set[int],
-                          structural: re.Pattern | None = None) -> Placement:
+                          structural: re.Pattern | None = None, shapes: ShapeCache | None = None,
+                          render_key: str = "") -> Placement:
     """Render `messages` and find the region of each assistant message whose index is in `wanted`.
 
     `render(messages, add_generation_prompt)` renders template-ready messages (see `template_messages`).
+    `shapes`: layouts of skeletons rendered before (see `ShapeCache`); `render_key` names what else the rendering
+    depends on (keyword arguments, tools), so only renderings of the same kind share a layout.
     Raises PlacementError naming the assistant turn (1-based among assistant turns) that cannot be placed.
     """
     messages = template_messages(messages)
     text = render(messages, False)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    turn_number = {i: n + 1 for n, i in enumerate(assistant)}
+    marks = _choose_marks(messages)
+    if shapes is not None and shapes.enabled:
+        placement = _place_by_shape(render, messages, text, probe, wanted, structural, marks, shapes, render_key)
+        if placement is not None:
+            return placement
+    # The conversation alone: a skeleton of its own (only assistant text replaced), aligned tolerantly.
+    sk = _build_skeleton(messages, structural, marks, every_role=False)
+    layout = _layout(render(sk.messages, False), sk, messages, probe, marks)
+    turn_number = _turn_numbers(messages)
+    alignment = _align_tolerant(layout, sk, text, wanted, turn_number)
+    return _placement(layout, alignment, text, wanted, turn_number)
+
+
+class ShapeCache:
+    """Skeleton layouts by skeleton, so that conversations of one shape share one skeleton rendering.
+
+    A shape skeleton replaces the text of every message (not only the assistant's), so it depends only on the
+    conversation's shape: its roles, the whitespace around each content, the added tokens inside them, tool calls
+    and names. A conversation whose real rendering equals its shape skeleton with each sentinel replaced by the
+    text it stands for (the template rendered every piece verbatim, in place) is placed from the cached layout with
+    no second rendering. Any other conversation is placed alone, as before; after many such conversations and few
+    of the other kind (a template that rewrites content) the cache stops being tried.
+    """
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self.layouts: OrderedDict[str, _Layout] = OrderedDict()
+        self.placed = 0  # conversations placed from a shape layout
+        self.rendered = 0  # shape skeletons rendered (cache misses)
+        self.mismatched = 0  # conversations whose rendering did not match their shape skeleton
+
+    @property
+    def enabled(self) -> bool:
+        return not (self.mismatched >= 64 and self.mismatched > 4 * self.placed)
+
+    def layout(self, key: str, make) -> _Layout:
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = make()
+            self.rendered += 1
+            if len(self.layouts) > self.size:
+                self.layouts.popitem(last=False)
+        else:
+            self.layouts.move_to_end(key)
+        return layout
+
+
+def _place_by_shape(render, messages, text, probe, wanted, structural, marks, shapes: ShapeCache,
+                    render_key: str) -> Placement | None:
+    """The placement from the conversation's shape layout, or None when its rendering does not match the shape
+    skeleton exactly or a wanted turn cannot be placed in it (the caller then places the conversation alone, which
+    also words the error)."""
+    sk = _build_skeleton(messages, structural, marks, every_role=True)
+    key = render_key + "\0" + json.dumps(sk.messages, ensure_ascii=False, sort_keys=True, default=str)
+    layout = shapes.layout(key, lambda: _layout(render(sk.messages, False), sk, messages, probe, marks))
+    if layout.bad_marker or any(isinstance(layout.regions.get(i), str) for i in wanted):
+        return None
+    alignment = _align_exact(layout, sk, text)
+    if alignment is None:
+        shapes.mismatched += 1
+        return None
+    shapes.placed += 1
+    return _placement(layout, alignment, text, wanted, _turn_numbers(messages))
+
+
+@dataclass
+class _Skeleton:
+    """A conversation with texts replaced by numbered sentinels."""
+
+    messages: list[dict]
+    cores: list[str]  # sentinel number -> the real text it stands for
+    owner: list[int]  # sentinel number -> message index
+    leads: list[str]  # sentinel number -> the text before it in its field (whitespace, <think>, ...)
+    reasoning_ids: dict[int, list[int]]  # assistant message index -> its reasoning's sentinel numbers
+
+
+@dataclass
+class _Layout:
+    """What a rendered skeleton says, whatever the real texts are: where sentinels landed, each assistant turn's
+    region in the skeleton (or why it has none), and which turns' reasoning the template dropped."""
+
+    skeleton: str
+    matches: list[tuple[int, int, int]]  # (sentinel number, start, end) in skeleton order
+    bad_marker: bool  # a sentinel number no piece has: the template rewrote the markers
+    regions: dict[int, tuple[int, int] | str]  # assistant message index -> [start, end) in the skeleton, or a problem
+    dropped: list[int]
+
+
+@dataclass
+class _Alignment:
+    """Skeleton positions -> real text positions: sentinel spans in both, and where each literal piece starts."""
+
+    s_starts: list[int]
+    s_ends: list[int]
+    t_starts: list[int]
+    t_ends: list[int]
+    literal_shift: list[tuple[int, int]]  # (skeleton offset where a literal piece starts, real offset)
+
+    def to_real(self, x: int) -> int:
+        j = bisect.bisect_right(self.s_starts, x) - 1
+        if j >= 0 and x < self.s_ends[j]:  # inside a sentinel: only its edges are meaningful
+            return self.t_starts[j] if x == self.s_starts[j] else self.t_ends[j]
+        s0, t0 = self.literal_shift[bisect.bisect_right([p for p, _ in self.literal_shift], x) - 1]
+        return t0 + (x - s0)
+
+
+def _choose_marks(messages) -> tuple[str, str]:
     all_text = "".join(str(m.get("content") or "") + str(m.get("reasoning_content") or "") for m in messages)
-    open_mark, close_mark = next(((a, b) for a, b in _SENTINEL_PAIRS if a not in all_text and b not in all_text),
-                                 (None, None))
-    if open_mark is None:
+    marks = next(((a, b) for a, b in _SENTINEL_PAIRS if a not in all_text and b not in all_text), None)
+    if marks is None:
         raise PlacementError("the conversation uses every private-use character fastsft marks turns with "
                              "(U+E000..U+E00F); remove them", field="messages")
+    return marks
 
-    cores: list[str] = []  # sentinel number -> the real text it stands for
-    owner: list[int] = []  # sentinel number -> message index
-    leads: list[str] = []  # sentinel number -> the text before it in its field (whitespace, <think>, ...)
-    reasoning_ids: dict[int, list[int]] = {}
 
-    skeleton_messages = []
+def _turn_numbers(messages) -> dict[int, int]:
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return {i: n + 1 for n, i in enumerate(assistant)}
+
+
+def _build_skeleton(messages, structural, marks, every_role: bool) -> _Skeleton:
+    """Assistant contents and reasoning (and, with every_role, every other message's content) as sentinels."""
+    open_mark, close_mark = marks
+    sk = _Skeleton([], [], [], [], {})
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            skeleton_messages.append(m)
-            continue
 
         def make(core, lead, i=i):
-            cores.append(core)
-            owner.append(i)
-            leads.append(lead)
-            return f"{open_mark}{len(cores) - 1}{close_mark}"
+            sk.cores.append(core)
+            sk.owner.append(i)
+            sk.leads.append(lead)
+            return f"{open_mark}{len(sk.cores) - 1}{close_mark}"
 
+        if m["role"] != "assistant":
+            if every_role and isinstance(m.get("content"), str):
+                m = dict(m)
+                m["content"] = _skeleton_text(m["content"], structural, make)
+            sk.messages.append(m)
+            continue
         m = dict(m)
         content = m.get("content") or ""
         cut = content.find("</think>")  # a think block written in the content is reasoning too
-        before = len(cores)
+        before = len(sk.cores)
         head = _skeleton_text(content[:max(cut, 0)], structural, make)
-        reasoning = list(range(before, len(cores)))
+        reasoning = list(range(before, len(sk.cores)))
         m["content"] = head + _skeleton_text(content[max(cut, 0):], structural, lambda c, lead: make(c, head + lead))
         if isinstance(m.get("reasoning_content"), str):
-            before = len(cores)
+            before = len(sk.cores)
             m["reasoning_content"] = _skeleton_text(m["reasoning_content"], structural, make)
-            reasoning += range(before, len(cores))
-        reasoning_ids[i] = reasoning
-        skeleton_messages.append(m)
-    skeleton = render(skeleton_messages, False)
+            reasoning += range(before, len(sk.cores))
+        sk.reasoning_ids[i] = reasoning
+        sk.messages.append(m)
+    return sk
 
-    # Align the skeleton with the real text: literal pieces must match in order.
+
+def _layout(skeleton: str, sk: _Skeleton, messages, probe: Probe, marks) -> _Layout:
+    """Find each assistant turn's region in a rendered skeleton (module docstring, steps 3 and 4), never raising: a
+    turn that cannot be placed gets its problem instead of a region."""
+    open_mark, close_mark = marks
     token = re.compile(re.escape(open_mark) + r"(\d+)" + re.escape(close_mark))
-    s_starts, s_ends, t_starts, t_ends = [], [], [], []  # sentinel occurrences, skeleton and real spans
-    literal_shift = [(0, 0)]  # (skeleton offset where a literal piece starts, real offset) for exact mapping
-    s_pos, t_pos = 0, 0
-    matches = list(token.finditer(skeleton))
-    bounds = [m.start() for m in matches] + [len(skeleton)]
+    matches = [(int(m.group(1)), m.start(), m.end()) for m in token.finditer(skeleton)]
+    bad_marker = any(n >= len(sk.cores) for n, _, _ in matches)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    occurrences: dict[int, list[tuple[int, int]]] = {}
+    first_lead: dict[int, str] = {}
+    if not bad_marker:
+        for n, s, e in matches:
+            occurrences.setdefault(sk.owner[n], []).append((s, e))
+            first_lead.setdefault(sk.owner[n], sk.leads[n])
+    regions, cursor = {}, 0
+    for n_turn, i in enumerate(assistant):
+        spans = occurrences.get(i, [])
+        later = [s for k in assistant[n_turn + 1:] for s, _ in occurrences.get(k, [])]
+        limit = min(later) if later else len(skeleton)
+        try:
+            start, end = _find_region(skeleton, spans, cursor, limit, probe.headers, probe.end_of_turn,
+                                      first_lead.get(i, messages[i].get("content") or ""))
+        except PlacementError as e:
+            regions[i] = e.problem
+            continue
+        # Checks: every sentinel of this turn inside, none of another message's.
+        inside = [sk.owner[n] for n, s, _ in matches if start <= s < end] if not bad_marker else []
+        if any(k != i for k in inside) or any(not (start <= s and e <= end) for s, e in spans):
+            regions[i] = "its region overlaps another message's; the template does not render turns one after another"
+            continue
+        cursor = end
+        regions[i] = (start, end)
+    present = {n for n, _, _ in matches}
+    dropped = [i for i, ids in sk.reasoning_ids.items() if ids and not any(n in present for n in ids)]
+    return _Layout(skeleton, matches, bad_marker, regions, dropped)
+
+
+def _align_exact(layout: _Layout, sk: _Skeleton, text: str) -> _Alignment | None:
+    """The alignment when `text` is the skeleton with every sentinel replaced by its text, else None."""
+    a = _Alignment([], [], [], [], [(0, 0)])
+    pieces, s_pos, t_pos = [], 0, 0
+    skeleton = layout.skeleton
+    for n, s, e in layout.matches:
+        pieces.append(skeleton[s_pos:s])
+        t_pos += s - s_pos
+        core = sk.cores[n]
+        pieces.append(core)
+        a.s_starts.append(s)
+        a.s_ends.append(e)
+        a.t_starts.append(t_pos)
+        t_pos += len(core)
+        a.t_ends.append(t_pos)
+        a.literal_shift.append((e, t_pos))
+        s_pos = e
+    pieces.append(skeleton[s_pos:])
+    return a if "".join(pieces) == text else None
+
+
+def _align_tolerant(layout: _Layout, sk: _Skeleton, text: str, wanted, turn_number) -> _Alignment:
+    """Match the skeleton's literal text between sentinels in order against the real text (module docstring, step
+    2), following a template that trims, rewrites or drops pieces; raises when the literal text cannot be matched."""
+    skeleton, matches = layout.skeleton, layout.matches
+    a = _Alignment([], [], [], [], [(0, 0)])
+    bounds = [s for _, s, _ in matches] + [len(skeleton)]
     first_literal = skeleton[: bounds[0]]
     if not text.startswith(first_literal):
         raise _unplaceable(wanted, turn_number, "the rendered text does not match the template's structure")
+    if layout.bad_marker:
+        raise _unplaceable(wanted, turn_number, "a template rewrote fastsft's turn markers")
     t_pos = len(first_literal)
-    for j, m in enumerate(matches):
-        n = int(m.group(1))
-        if n >= len(cores):
-            raise _unplaceable(wanted, turn_number, "a template rewrote fastsft's turn markers")
-        literal = skeleton[m.end(): bounds[j + 1]]
+    for j, (n, s, e) in enumerate(matches):
+        literal = skeleton[e: bounds[j + 1]]
         last = j + 1 == len(matches)
-        core = cores[n]
+        core = sk.cores[n]
+        owner = {sk.owner[n]} & wanted or wanted
         if text.startswith(core, t_pos) and (text.endswith(literal) and t_pos + len(core) + len(literal) == len(text)
                                               if last else text.startswith(literal, t_pos + len(core))):
             t_end = t_pos + len(core)
         elif last:
             t_end = len(text) - len(literal)
             if not text.endswith(literal) or t_end < t_pos:
-                raise _unplaceable({owner[n]} & wanted or wanted, turn_number, "could not match the text rendered "
-                                   "after this turn's content")
+                raise _unplaceable(owner, turn_number, "could not match the text rendered after this turn's content")
         elif literal:
             t_end = text.find(literal, t_pos)
             if t_end < 0:
-                raise _unplaceable({owner[n]} & wanted or wanted, turn_number, "could not match the text rendered "
-                                   "after this turn's content")
+                raise _unplaceable(owner, turn_number, "could not match the text rendered after this turn's content")
         else:
-            raise _unplaceable({owner[n]} & wanted or wanted, turn_number, "two pieces of content are rendered "
-                               "with nothing between them, so their boundary is ambiguous")
-        s_starts.append(m.start())
-        s_ends.append(m.end())
-        t_starts.append(t_pos)
-        t_ends.append(t_end)
-        literal_shift.append((m.end(), t_end))
-        s_pos, t_pos = m.end() + len(literal), t_end + len(literal)
+            raise _unplaceable(owner, turn_number, "two pieces of content are rendered with nothing between them, so "
+                               "their boundary is ambiguous")
+        a.s_starts.append(s)
+        a.s_ends.append(e)
+        a.t_starts.append(t_pos)
+        a.t_ends.append(t_end)
+        a.literal_shift.append((e, t_end))
+        t_pos = t_end + len(literal)
     if not matches and skeleton != text:
         raise _unplaceable(wanted, turn_number, "the rendered text does not match the template's structure")
+    return a
 
-    shift_at = [p for p, _ in literal_shift]
 
-    def to_real(x: int) -> int:
-        j = bisect.bisect_right(s_starts, x) - 1
-        if j >= 0 and x < s_ends[j]:  # inside a sentinel: only its edges are meaningful
-            return t_starts[j] if x == s_starts[j] else t_ends[j]
-        s0, t0 = literal_shift[bisect.bisect_right(shift_at, x) - 1]
-        return t0 + (x - s0)
-
-    occurrences: dict[int, list[tuple[int, int]]] = {}
-    first_lead: dict[int, str] = {}
-    for j, m in enumerate(matches):
-        n = int(m.group(1))
-        occurrences.setdefault(owner[n], []).append((s_starts[j], s_ends[j]))
-        first_lead.setdefault(owner[n], leads[n])
-
-    regions, cursor = {}, 0
-    end_of_turn = probe.end_of_turn
-    for n_turn, i in enumerate(assistant):
-        spans = occurrences.get(i, [])
-        later = [s for k in assistant[n_turn + 1:] for s, _ in occurrences.get(k, [])]
-        limit = min(later) if later else len(skeleton)
-        try:
-            start, end = _find_region(skeleton, spans, cursor, limit, probe.headers, end_of_turn,
-                                      first_lead.get(i, messages[i].get("content") or ""))
-        except PlacementError as e:
-            if i in wanted:
-                raise PlacementError(f"assistant turn {turn_number[i]} (message {i + 1}): {e.problem}",
-                                     field="messages") from None
+def _placement(layout: _Layout, alignment: _Alignment, text: str, wanted, turn_number) -> Placement:
+    """The real regions of the wanted turns; raises for the first wanted turn (in order) the layout could not place."""
+    regions = {}
+    for i, region in layout.regions.items():
+        if i not in wanted:
             continue
-        # Checks: every sentinel of this turn inside, none of another turn's.
-        inside = [owner[int(m.group(1))] for m in matches if start <= m.start() < end]
-        if any(k != i for k in inside) or any(not (start <= s and e <= end) for s, e in spans):
-            if i in wanted:
-                raise PlacementError(f"assistant turn {turn_number[i]} (message {i + 1}): its region overlaps "
-                                     "another message's; the template does not render turns one after another",
-                                     field="messages")
-            continue
-        cursor = end
-        if i in wanted:
-            regions[i] = (to_real(start), to_real(end))
-    dropped = [i for i, ids in reasoning_ids.items()
-               if ids and not any(f"{open_mark}{n}{close_mark}" in skeleton for n in ids)]
-    return Placement(text=text, regions=regions, reasoning_dropped=dropped)
+        if isinstance(region, str):
+            raise PlacementError(f"assistant turn {turn_number[i]} (message {i + 1}): {region}", field="messages")
+        regions[i] = (alignment.to_real(region[0]), alignment.to_real(region[1]))
+    return Placement(text=text, regions=regions, reasoning_dropped=list(layout.dropped))
 
 
 def _find_region(skeleton, spans, cursor, limit, headers, end_of_turn, lead) -> tuple[int, int]:

@@ -34,6 +34,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,16 +327,69 @@ def tokenize_chunk(job: Job, chunk: Chunk):
     documents' ids and masks concatenated (one array each, cheap to send between processes), their lengths and split,
     one status code and one kept-document count per record (a record gives more than one document only with
     earlier_reasoning="keep"), the DataError of each BAD record in order, and the chunk's file counts."""
-    token_parts, mask_parts, lengths, is_val, statuses, doc_counts, errors = [], [], [], [], [], [], []
+    staged = stage_chunk(job, chunk)
+    return finish_chunk(job, chunk, staged, encode_staged(job, staged))
+
+
+@dataclass
+class Staged:
+    """A chunk up to tokenizing its texts: its records normalized, and its documents staged (`Tokenizer.start_batch`)
+    or, when staging them together failed, None (then `finish_chunk` encodes them one by one to locate the failure)."""
+
+    normalized: list  # per record: (its document, the record), or the DataError that stopped it
+    batch: object | None
+    counts: dict
+
+
+def stage_chunk(job: Job, chunk: Chunk) -> Staged:
+    """Read, normalize and stage one chunk: everything before its texts are tokenized."""
     counts = {"path": chunk.path, "trained_turns": 0, "trained_tokens": 0, "reasoning_not_rendered": 0}
-    normalized = []  # per record: (its document, the record), or the DataError that stopped it
+    normalized = []
     for line, record_index, payload in chunk.items:
         try:
             record = map_columns(load_record(payload, chunk.path, line, record_index), job.columns)
             normalized.append((normalize_record(record, chunk.fmt, chunk.path, line, record_index), record))
         except DataError as e:
             normalized.append(e)
-    encoded = iter(_encode_batch(job, [d for d in normalized if not isinstance(d, DataError)], counts))
+    batch_counts = {}
+    try:
+        batch = job.tokenizer.start_batch([d for d, _ in _good(normalized)], job.train_on, job.template_kwargs,
+                                          job.earlier_reasoning, batch_counts)
+    except (UnicodeError, TypeError, ValueError) as e:  # outside the template checks: a lone surrogate
+        if isinstance(e, DataError):
+            raise
+        return Staged(normalized, None, counts)
+    for key, value in batch_counts.items():
+        counts[key] = counts.get(key, 0) + value
+    return Staged(normalized, batch, counts)
+
+
+def encode_staged(job: Job, staged: Staged):
+    """Tokenize a staged chunk's texts (in one batch, without the GIL); None when that fails, so that
+    `finish_chunk` encodes the chunk's documents one by one and locates the failure."""
+    if staged.batch is None:
+        return None
+    try:
+        return job.tokenizer.encode_texts(staged.batch.texts)
+    except (UnicodeError, TypeError, ValueError):  # a text the tokenizer cannot take (a lone surrogate)
+        return None
+
+
+def finish_chunk(job: Job, chunk: Chunk, staged: Staged, encodings):
+    """`tokenize_chunk`'s result from a staged chunk and its texts' encodings."""
+    token_parts, mask_parts, lengths, is_val, statuses, doc_counts, errors = [], [], [], [], [], [], []
+    counts, normalized = staged.counts, staged.normalized
+    if encodings is None:  # encode each document alone, so the one that fails is located
+        counts.update(trained_turns=0, trained_tokens=0, reasoning_not_rendered=0)
+        encoded = []
+        for document, record in _good(normalized):
+            try:
+                encoded.append(_encode(job, document, record, counts))
+            except DataError as e:
+                encoded.append(e)
+    else:
+        encoded = job.tokenizer.finish_batch(staged.batch, encodings)
+    encoded = iter(encoded)
     for (line, record_index, _), document in zip(chunk.items, normalized, strict=True):
         documents = document if isinstance(document, DataError) else next(encoded)
         document = None if isinstance(document, DataError) else document[0]
@@ -351,14 +405,15 @@ def tokenize_chunk(job: Job, chunk: Chunk):
             if job.max_len is not None and len(ids) > job.max_len:
                 ids, mask = ids[: job.max_len], mask[: job.max_len]
                 truncated += 1
-            if not mask.any():
+            trained = int(np.count_nonzero(mask))
+            if not trained:
                 continue
             kept += 1
             token_parts.append(ids)
             mask_parts.append(mask)
             lengths.append(len(ids))
             is_val.append(job.val_fraction > 0 and split_hash(job.seed, ids, mask) < job.val_fraction)
-            counts["trained_tokens"] += int(np.count_nonzero(mask))
+            counts["trained_tokens"] += trained
         if kept:
             statuses.append(KEPT_TRUNCATED if truncated else KEPT)
             if not isinstance(document, str):
@@ -372,27 +427,8 @@ def tokenize_chunk(job: Job, chunk: Chunk):
             np.asarray(doc_counts, np.int64), errors, counts)
 
 
-def _encode_batch(job: Job, normalized: list, counts: dict) -> list:
-    """encode_documents_batch over (document, record) pairs; when the batch fails outside the template checks (a lone
-    surrogate cannot be tokenized), each document is encoded alone so the failure is located."""
-    batch_counts = {}
-    try:
-        out = job.tokenizer.encode_documents_batch([d for d, _ in normalized], job.train_on, job.template_kwargs,
-                                                   job.earlier_reasoning, batch_counts)
-    except (UnicodeError, TypeError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-    else:
-        for key, value in batch_counts.items():
-            counts[key] = counts.get(key, 0) + value
-        return out
-    out = []
-    for document, record in normalized:
-        try:
-            out.append(_encode(job, document, record, counts))
-        except DataError as e:
-            out.append(e)
-    return out
+def _good(normalized: list) -> list:
+    return [d for d in normalized if not isinstance(d, DataError)]
 
 
 def _encode(job: Job, document, record: dict, counts: dict):
@@ -421,6 +457,8 @@ _WORKER_JOB: Job | None = None
 def _init_worker(job: Job) -> None:
     global _WORKER_JOB
     _WORKER_JOB = job
+    # The worker processes are the parallelism: one tokenizer thread each, not one per core each.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _worker_tokenize_chunk(chunk: Chunk):
@@ -433,8 +471,23 @@ def tokenized_chunks(job: Job, chunks, workers: int):
     At most 4 tasks per worker are in flight, so memory stays bounded however large the input (Pool.imap would read
     the whole input ahead)."""
     if workers == 1:
-        for chunk in chunks:
-            yield chunk.nbytes, tokenize_chunk(job, chunk)
+        # Pipelined: chunk k's texts are tokenized on a thread (the tokenizer leaves the GIL and uses its own threads)
+        # while this thread stages chunk k+1 (reading, rendering, placing turns) and finishes chunk k-1.
+        with ThreadPoolExecutor(1, thread_name_prefix="fastsft-tokenize") as pool:
+            pending = deque()
+            try:
+                for chunk in chunks:
+                    staged = stage_chunk(job, chunk)
+                    pending.append((chunk, staged, pool.submit(encode_staged, job, staged)))
+                    if len(pending) > 1:
+                        chunk, staged, encoded = pending.popleft()
+                        yield chunk.nbytes, finish_chunk(job, chunk, staged, encoded.result())
+                while pending:
+                    chunk, staged, encoded = pending.popleft()
+                    yield chunk.nbytes, finish_chunk(job, chunk, staged, encoded.result())
+            finally:
+                for _, _, encoded in pending:
+                    encoded.cancel()
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:

@@ -14,6 +14,8 @@ Interface (both kinds):
                         each trained assistant turn carries loss from after its header through its end-of-turn
                         token; "last" trains only the final assistant turn; a message's "train" flag wins
   encode_documents(document, train_on, template_kwargs, earlier_reasoning) -> [(ids, mask), ...]
+  encode_documents_batch(documents, ...) -> per document its [(ids, mask), ...] or its DataError; also in three
+                        steps, start_batch -> encode_texts (GIL released) -> finish_batch, for pipelining
   encode_text(text)     (ids, mask) with BOS (when the tokenizer has one) and EOS; every token trained
   prompt_ids(messages)  the conversation plus the opening of an assistant turn, for generation
   identity()            kind, name/path, vocab_size and a content hash (recorded in manifests and caches)
@@ -35,12 +37,13 @@ import copy
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fastsft.data.chat_template import Placement, Probe, kwargs_key, learn_probe, place_assistant_turns, \
-    template_messages
+from fastsft.data.chat_template import Placement, Probe, ShapeCache, kwargs_key, learn_probe, \
+    place_assistant_turns, template_messages
 from fastsft.data.formats import Conversation, DataError
 
 TRAIN_ON = ("all", "last")
@@ -119,18 +122,46 @@ class Tokenizer:
 
     def encode_documents_batch(self, documents, train_on: str = "all", template_kwargs: dict | None = None,
                                earlier_reasoning: str = "template", counts: dict | None = None) -> list:
-        """`encode_documents` of each document; a document that cannot be encoded gives its DataError in its place."""
+        """`encode_documents` of each document; a document that cannot be encoded gives its DataError in its place.
+
+        The same as `finish_batch(staged, encode_texts(staged.texts))` with `staged = start_batch(...)`: the three
+        steps are apart so that a caller can tokenize one batch (`encode_texts`, which leaves the GIL to the
+        tokenizer's threads) while it starts the next."""
+        staged = self.start_batch(documents, train_on, template_kwargs, earlier_reasoning, counts)
+        return self.finish_batch(staged, self.encode_texts(staged.texts))
+
+    def start_batch(self, documents, train_on: str = "all", template_kwargs: dict | None = None,
+                    earlier_reasoning: str = "template", counts: dict | None = None) -> StagedBatch:
+        """Everything before tokenizing text: the texts to tokenize, and how to turn their tokens into documents."""
         out = []
         for document in documents:
             try:
                 out.append(self.encode_documents(document, train_on, template_kwargs, earlier_reasoning, counts))
             except DataError as e:
                 out.append(e)
-        return out
+        return StagedBatch(out, [])
+
+    def encode_texts(self, texts: list[str]) -> list:
+        """The tokenizer's encodings of `texts` (none for a tokenizer that has nothing to tokenize apart)."""
+        if texts:
+            raise NotImplementedError
+        return []
+
+    def finish_batch(self, staged: StagedBatch, encodings: list) -> list:
+        return staged.items
 
     def __repr__(self) -> str:
         ident = self.identity()
         return f"{type(self).__name__}({ident.get('path') or ident['name']!r}, vocab_size={self.vocab_size})"
+
+
+@dataclass
+class StagedBatch:
+    """A batch of documents up to tokenizing: per document a result, a DataError, or Placements to finish, and the
+    placed texts in order (see `Tokenizer.start_batch`)."""
+
+    items: list
+    texts: list[str]
 
 
 def _check_train_on(train_on: str) -> None:
@@ -333,6 +364,7 @@ class HFTokenizer(Tokenizer):
         structural = {t.content for t in self.tok.added_tokens_decoder.values() if t.content} | {"<think>", "</think>"}
         self._structural = re.compile("|".join(re.escape(t) for t in sorted(structural, key=len, reverse=True)))
         self._probes: dict[str, Probe] = {}
+        self.shapes = ShapeCache()
         self.stop_ids = self._find_stop_ids()
 
     def with_chat_template(self, chat_template: str) -> HFTokenizer:
@@ -342,6 +374,7 @@ class HFTokenizer(Tokenizer):
         other.tok.chat_template = chat_template
         other.template_source = "given"
         other._probes = {}
+        other.shapes = ShapeCache()
         other.stop_ids = other._find_stop_ids()
         return other
 
@@ -378,8 +411,9 @@ class HFTokenizer(Tokenizer):
     def place(self, messages, wanted, template_kwargs=None) -> Placement:
         """Rendered text and the character region of each assistant message in `wanted` (see chat_template)."""
         tools = getattr(messages, "tools", None)
+        render_key = kwargs_key(template_kwargs) + (json.dumps(tools, sort_keys=True, default=str) if tools else "")
         return place_assistant_turns(lambda m, gen: self.render(m, gen, tools, template_kwargs), list(messages),
-                                     self.probe(template_kwargs), wanted, self._structural)
+                                     self.probe(template_kwargs), wanted, self._structural, self.shapes, render_key)
 
     def encode_placement(self, placement: Placement, encoding=None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) of a placed conversation; `encoding`: its text already encoded (by a batch encode)."""
@@ -395,15 +429,10 @@ class HFTokenizer(Tokenizer):
     def encode_conversation(self, messages, train_on="all", template_kwargs=None):
         return self.encode_placement(self.place(messages, trained_turns(messages, train_on), template_kwargs))
 
-    def encode_documents(self, document, train_on="all", template_kwargs=None, earlier_reasoning="template",
-                         counts=None):
-        return self.encode_documents_batch([document], train_on, template_kwargs, earlier_reasoning, counts,
-                                           raise_errors=True)[0]
-
-    def encode_documents_batch(self, documents, train_on="all", template_kwargs=None, earlier_reasoning="template",
-                               counts=None, raise_errors=False):
-        """Place every conversation, then tokenize all their texts in one batch (the tokenizers library spreads a
-        batch over its threads), then build the masks. A document that fails gives its DataError in its place."""
+    def start_batch(self, documents, train_on="all", template_kwargs=None, earlier_reasoning="template", counts=None,
+                    raise_errors=False):
+        """Place every conversation (or encode a plain text); the texts to tokenize are the placed ones. A document
+        that fails gives its DataError in its place."""
         _check_earlier_reasoning(earlier_reasoning)
         placed = []  # per document: a DataError, a text's (ids, mask), or a list of Placements
         for document in documents:
@@ -415,10 +444,24 @@ class HFTokenizer(Tokenizer):
                     raise
                 placed.append(e)
         texts = [p.text for item in placed if isinstance(item, list) for p in item if isinstance(p, Placement)]
-        encodings = iter(self.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if len(texts) > 1
-                         else [self.tok.backend_tokenizer.encode(t, add_special_tokens=False) for t in texts])
+        return StagedBatch(placed, texts)
+
+    def encode_texts(self, texts):
+        """One batch encode (the tokenizers library spreads it over its threads, without the GIL)."""
+        backend = self.tok.backend_tokenizer
+        if len(texts) > 1:
+            return backend.encode_batch(texts, add_special_tokens=False)
+        return [backend.encode(t, add_special_tokens=False) for t in texts]
+
+    def finish_batch(self, staged, encodings):
+        encodings = iter(encodings)
         return [[self.encode_placement(p, next(encodings)) if isinstance(p, Placement) else p for p in item]
-                if isinstance(item, list) else item for item in placed]
+                if isinstance(item, list) else item for item in staged.items]
+
+    def encode_documents(self, document, train_on="all", template_kwargs=None, earlier_reasoning="template",
+                         counts=None):
+        staged = self.start_batch([document], train_on, template_kwargs, earlier_reasoning, counts, raise_errors=True)
+        return self.finish_batch(staged, self.encode_texts(staged.texts))[0]
 
     def _encode_text_or_place(self, document, train_on, template_kwargs, earlier_reasoning, counts):
         if isinstance(document, str):
