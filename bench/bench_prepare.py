@@ -7,7 +7,8 @@ Tokenizer: the real Qwen3 tokenizer from ../shared/tokenizers/qwen3 when present
 Variants, each run in a fresh process (so its peak RSS is its own), alternated, median of --repeats runs:
 - fastsft, --workers 1 and 2: `prepare_dataset` (read .jsonl, render + tokenize, loss masks, shards, manifest), as a
   user runs it: the tokenizer library's own threads on (its default; one worker tokenizes one chunk on them while it
-  renders the next); fastsft1t-w1: the same with TOKENIZERS_PARALLELISM=false, one tokenizer thread;
+  renders the next); fastsft1core-w1: the same, with the process pinned to one core (sched_setaffinity), so that all
+  its threads share one CPU as datasets.map's single process does;
 - datasets.map, num_proc 1 and 2: `Dataset.from_json` then `map(apply_chat_template(tokenize=True))` (ids only, no
   masks), in a fresh cache directory;
 - TRL, dataset_num_proc 1 and 2: `Dataset.from_json` then `SFTTrainer(..., assistant_only_loss=True)`, whose
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 _ROOTS = [os.environ.get("FASTSFT_TOKENIZERS", ""), REPO.parent / "shared" / "tokenizers",
           REPO.parents[1] / "shared" / "tokenizers"]
 QWEN3 = next((Path(r) / "qwen3" for r in _ROOTS if r and (Path(r) / "qwen3").is_dir()), Path("qwen3-absent"))
-VARIANTS = ("fastsft-w1", "fastsft1t-w1", "datasets-np1", "trl-np1", "fastsft-w2", "datasets-np2", "trl-np2")
+VARIANTS = ("fastsft-w1", "fastsft1core-w1", "datasets-np1", "trl-np1", "fastsft-w2", "datasets-np2", "trl-np2")
 
 
 def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
@@ -65,7 +66,7 @@ def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
 def run_one(variant: str, data: Path, tokenizer: str, work: Path) -> dict:
     name, procs = variant.rsplit("-", 1)
     procs = int(procs[-1])
-    if name in ("fastsft", "fastsft1t"):
+    if name in ("fastsft", "fastsft1core"):
         from fastsft.data.prepare import prepare_dataset
         from fastsft.data.tokenizer import load_tokenizer
 
@@ -122,6 +123,9 @@ def run_one(variant: str, data: Path, tokenizer: str, work: Path) -> dict:
 def child_main(args) -> None:
     import resource
 
+    if "1core" in args.one:  # before anything starts a thread: the tokenizer's thread pool then sizes itself to 1
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         result = run_one(args.one, Path(args.data), args.tokenizer, Path(work))
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -140,7 +144,7 @@ def child_main(args) -> None:
 def measure(variant: str, data: Path, tokenizer: str, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    if variant.startswith("fastsft-"):  # fastsft as a user runs it: the tokenizer's threads on (its default)
+    if variant.startswith("fastsft"):  # fastsft as a user runs it: the tokenizer's threads on (its default)
         del env["TOKENIZERS_PARALLELISM"]
     proc = subprocess.run([sys.executable, __file__, "--one", variant, "--data", str(data), "--tokenizer", tokenizer,
                            "--work", str(work)], env=env, capture_output=True, text=True)
@@ -210,8 +214,10 @@ def main() -> None:
                      "trl": trl.__version__},
         "note": "medians of alternating runs in fresh processes; wall time excludes imports and tokenizer loading; "
                 "CPU s = the timed region's CPU time, all threads and worker processes; peak RSS = process + largest "
-                "worker (ru_maxrss); fastsft-w1/-w2 run with the tokenizer's threads (its default), fastsft1t-w1 and "
-                "the others with TOKENIZERS_PARALLELISM=false (their per-row encodes use one thread either way)",
+                "worker (ru_maxrss); fastsft runs with the tokenizer's threads (its default), "
+                "the others with TOKENIZERS_PARALLELISM=false (their per-row encodes use one thread either way); "
+                "fastsft1core-w1 is "
+                "pinned to one core",
         "load_average_before": os.getloadavg(),
     })
     print(f"wrote {path}")

@@ -225,6 +225,26 @@ def test_qwen3_enable_thinking_false(qwen3):
     assert qwen3.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+def test_train_prepares_with_the_chat_template_options(qwen3, tmp_path):
+    """`fastsft train`'s data.chat_template_kwargs and data.columns reach preparation (Qwen3 with enable_thinking
+    false renders the final turn without an empty think block)."""
+    from fastsft.data.shards import open_shards
+    from fastsft.train import config as C
+    from fastsft.train.build import prepare_data
+    from fastsft.train.distributed import DistInfo
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "final"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"conversations": messages}) + "\n")
+    trained = {}
+    for name, kwargs in (("default", "null"), ("no_thinking", '{"enable_thinking": false}')):
+        cfg = C.load_config(None, [f"data.train_files={tmp_path / 'd.jsonl'}", f"output_dir={tmp_path / name}",
+                                   f"data.chat_template_kwargs={kwargs}", "data.columns=messages=conversations"])
+        (train_dir, split), _ = prepare_data(cfg, qwen3, DistInfo(), lambda _: None)
+        ids, mask = open_shards(train_dir, split)[0]
+        trained[name] = trained_text(qwen3, np.asarray(ids), np.asarray(mask))
+    assert trained == {"default": ["<think>\n\n</think>\n\nfinal<|im_end|>"], "no_thinking": ["final<|im_end|>"]}
+
+
 def test_llama3_masks_match_trl_training_template(llama3):
     chat_templates = importlib.resources.files("trl") / "chat_templates"
     if (chat_templates / "llama3.jinja").read_text() != llama3.tok.chat_template:

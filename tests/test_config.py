@@ -41,6 +41,21 @@ def test_overrides_convert_types():
     assert cfg.data.max_len == 1024
 
 
+def test_chat_template_options_from_the_command_line_and_yaml(tmp_path):
+    cfg = C.load_config(None, ['data.chat_template_kwargs={"enable_thinking": false}', "data.earlier_reasoning=keep",
+                               "data.columns=messages=conversations", "data.split=test"])
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    assert (cfg.data.earlier_reasoning, cfg.data.columns, cfg.data.split) == ("keep", "messages=conversations", "test")
+    file = tmp_path / "run.yaml"
+    file.write_text("data:\n  chat_template_kwargs:\n    enable_thinking: false\n    tools_style: 2\n")
+    assert C.load_config(str(file)).data.chat_template_kwargs == {"enable_thinking": False, "tools_style": 2}
+    for bad in ("data.chat_template_kwargs=3", "data.chat_template_kwargs=[a, b]", "data.chat_template_kwargs={a: "):
+        with pytest.raises(C.ConfigError, match="data.chat_template_kwargs must be dict"):
+            C.load_config(None, [bad])
+    with pytest.raises(C.ConfigError, match="must be one of template, keep"):
+        C.load_config(None, ["data.earlier_reasoning=drop"])
+
+
 def test_bare_leaf_names_work_when_unique():
     cfg = C.load_config(None, ["learning_rate=1e-3", "max_steps=7", "seq_len=128"])
     assert (cfg.optim.learning_rate, cfg.train.max_steps, cfg.data.seq_len) == (1e-3, 7, 128)
@@ -133,6 +148,15 @@ def _parse(argv):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_readme_options_table_is_the_generated_one():
+    """The README's table of `fastsft train` options is `python -m fastsft.train.config --markdown`, row for row."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert C.markdown_table().strip() in readme, "README.md's options table is stale: paste `python -m " \
+        "fastsft.train.config --markdown` over it"
 
 
 def test_command_line_demo_detection_and_flags(tmp_path):

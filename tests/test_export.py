@@ -92,6 +92,21 @@ def test_generate_command(run_dir, capsys):
     assert capsys.readouterr().out == first
 
 
+def test_generate_passes_chat_template_kwargs(run_dir, capsys, monkeypatch):
+    from fastsft.data.tokenizer import ByteTokenizer
+
+    seen = []
+    original = ByteTokenizer.prompt_ids
+    monkeypatch.setattr(ByteTokenizer, "prompt_ids", lambda self, m, kw=None: seen.append(kw) or original(self, m, kw))
+    checkpoint = ckpt.latest_checkpoint(run_dir)
+    args = ["generate", "--model", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert main(args + ["--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert seen == [{"enable_thinking": False}]
+    with pytest.raises(SystemExit):
+        main(args + ["--chat-template-kwargs", "[1]"])
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
 def test_export_errors_are_clear(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "neither a fastsft checkpoint" in capsys.readouterr().err

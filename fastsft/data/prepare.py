@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     parser.add_argument("--train-on", default="all", choices=TRAIN_ON,
                         help="train on every assistant turn (all) or only the final one (last)")
-    parser.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+    parser.add_argument("--chat-template-kwargs", type=json_object_arg, default=None, metavar="JSON",
                         help="keyword arguments for the chat template, as a JSON object (e.g. '{\"enable_thinking\": "
                              "false}'); the same ones must be used at inference")
     parser.add_argument("--earlier-reasoning", default="template", choices=EARLIER_REASONING,
@@ -122,7 +122,7 @@ def run(args) -> int:
     return 0
 
 
-def _json_object(text: str) -> dict:
+def json_object_arg(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

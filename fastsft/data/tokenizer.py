@@ -271,7 +271,9 @@ class ByteTokenizer(Tokenizer):
                              dtype=np.int32)
         return _finish(ids, np.ones(len(ids), dtype=np.uint8))
 
-    def prompt_ids(self, messages) -> list[int]:
+    def prompt_ids(self, messages, template_kwargs=None) -> list[int]:
+        """The byte chat format takes no keyword arguments; any given are ignored, as a Jinja template ignores
+        variables it does not use."""
         ids = [self.bos_id]
         for message in messages:
             ids += [self.role_ids[message["role"]], *_byte_content(message).encode("utf-8"), self.end_id]

@@ -67,6 +67,10 @@ def prepare_data(cfg: TrainConfig, tokenizer, info: distributed.DistInfo, say) -
         seed=cfg.train.seed,
         skip_bad=cfg.data.skip_bad,
         train_on=cfg.data.train_on,
+        template_kwargs=cfg.data.chat_template_kwargs,
+        earlier_reasoning=cfg.data.earlier_reasoning,
+        split=cfg.data.split,
+        columns=cfg.data.columns,
     )
     cache = default_cache_dir(cfg)
 

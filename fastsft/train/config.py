@@ -57,6 +57,10 @@ class DataSection:
     val_files: list = _opt([], "validation data files; empty = the prepared directory's val split (see val_fraction)")
     format: str = _opt("auto", "record format of the data files: auto (detected per file), alpaca, messages, sharegpt, prompt-completion, text", ("auto", "alpaca", "messages", "sharegpt", "prompt-completion", "text"))
     train_on: str = _opt("all", "conversations: all = every assistant turn carries loss, last = only the final one (prompts never do)", ("all", "last"))
+    chat_template_kwargs: dict | None = _opt(None, "keyword arguments for the chat template when preparing, e.g. {enable_thinking: false} (give the same to fastsft generate --chat-template-kwargs)")
+    earlier_reasoning: str = _opt("template", "reasoning the chat template does not render (Qwen3 drops it before the last user message): template = train those turns without it; keep = train each in its own document with it", ("template", "keep"))
+    split: str | None = _opt(None, "the split to read from a DatasetDict folder or a hub folder with several splits")
+    columns: str | None = _opt(None, "read a format's field from another column: FIELD=COLUMN[,...], e.g. messages=conversations")
     val_fraction: float = _opt(0.0, "fraction of the training records held out for validation when no val_files are given")
     seq_len: int = _opt(2048, "tokens per packed row (one micro-batch)")
     max_docs: int = _opt(64, "most documents packed into one row")
@@ -291,6 +295,15 @@ def convert_value(value, tp, key: str, where: str):
                 parsed = yaml.safe_load(text)
                 return [str(v) for v in parsed]
             return [part.strip() for part in text.split(",") if part.strip()]
+        raise bad
+    if tp is dict or origin is dict:
+        if isinstance(value, str):  # on the command line: JSON or a YAML flow mapping, e.g. '{enable_thinking: false}'
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise bad from None
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
         raise bad
     raise ConfigError(f"{where}: {key} has an unsupported type {tp!r} (a bug in fastsft.train.config)")
 

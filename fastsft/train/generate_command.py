@@ -17,6 +17,7 @@ import torch
 
 from fastsft.adapters.peft_io import adapter_run_config, apply_peft_dir, load_adapter_checkpoint, read_adapter_config
 from fastsft.adapters.prompt_peft import load_peft_prompt_adapter
+from fastsft.data.prepare import json_object_arg
 from fastsft.data.tokenizer import load_tokenizer
 from fastsft.generate import generate_batch
 from fastsft.hf_checkpoint import config_from_hf, load_pretrained, read_json
@@ -80,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--system", default=None, help="an optional system message")
     parser.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    parser.add_argument("--chat-template-kwargs", type=json_object_arg, default=None, metavar="JSON",
+                        help="keyword arguments for the chat template, as a JSON object (e.g. '{\"enable_thinking\": "
+                             "false}'): the ones the data was prepared with")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or 'byte' (default: the model's)")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="a PEFT adapter directory to apply to --model (LoRA/DoRA, e.g. from fastsft export; prompt "
@@ -116,7 +120,11 @@ def run(args) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
         ]
-        prompt_ids = tokenizer.prompt_ids(messages)
+        try:
+            prompt_ids = tokenizer.prompt_ids(messages, args.chat_template_kwargs)
+        except ValueError as e:  # a template that rejects these keyword arguments
+            print(f"fastsft generate: {e}", file=sys.stderr)
+            return 2
     if len(prompt_ids) + args.max_new_tokens > model.config.max_position_embeddings:
         print(f"note: prompt ({len(prompt_ids)} tokens) + --max-new-tokens exceeds the model's "
               f"max_position_embeddings ({model.config.max_position_embeddings})", file=sys.stderr)
