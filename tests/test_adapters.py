@@ -26,6 +26,7 @@ from fastsft.adapters.lora import (  # noqa: E402
     LoRALinear,
     QuantizedLinear,
     apply_adapters,
+    check_nf4_shardable,
     dense_weight,
     merge_adapters,
     nf4_scaler_block_size,
@@ -360,6 +361,26 @@ def test_qlora_weights_are_nf4_double_quantized(tmp_path):
     with pytest.raises(ValueError, match="blocks of 64"):
         apply_adapters(Transformer.from_config(config_from_hf({"model_type": "llama", **SMALL, "hidden_size": 36, "num_attention_heads": 2, "num_key_value_heads": 2,
                                                 "head_dim": 18})), AdapterSection(method="qlora"))
+
+
+def test_qlora_weights_fsdp_cannot_split_are_named_before_sharding():
+    """FSDP2 cuts every NF4 piece into world-size parts; a matrix too small for that is a clear error naming it
+    (torchao would assert inside the first all-gather). The two-process run with a wide enough model is in
+    tests/test_distributed.py."""
+    def quantized(hidden):
+        config = config_from_hf({"model_type": "llama", **SMALL, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": hidden // 4})
+        return apply_adapters(Transformer.from_config(config), AdapterSection(method="qlora"))
+
+    small = quantized(64)  # k_proj 32 x 64 = 2048 weights: 32 blocks, one double-quantization group
+    check_nf4_shardable(small, 1)
+    with pytest.raises(ValueError, match=r"qlora on 2 processes: layers\.0\.self_attn\.[qk]_proj\.weight .* FSDP "
+                                         r"cannot split 2 ways"):
+        check_nf4_shardable(small, 2)
+    wide = quantized(256)  # every matrix a multiple of 64 x 256 x 2 weights
+    check_nf4_shardable(wide, 2)
+    with pytest.raises(ValueError, match="split 3 ways"):
+        check_nf4_shardable(wide, 3)
 
 
 def test_qlora_forward_and_gradients_equal_lora_on_dequantized_base(tmp_path):

@@ -1,7 +1,7 @@
 """Two processes with FSDP2 on CPU (gloo) under torchrun: 2 ranks x b rows per step give the same loss curve and
 weights as 1 rank x 2b rows, through a sharded save (one safetensors file per rank) and resume, and the resumed run
-ends bitwise equal to an uninterrupted two-process run. Adapter training (lora, prefix_tuning) under FSDP2 follows the
-one-rank run step for step and ends with the same adapter tensors."""
+ends bitwise equal to an uninterrupted two-process run. Adapter training (lora, dora, qlora with its NF4 base sharded,
+prefix tuning) under FSDP2 follows the one-rank run step for step and ends with the same adapter tensors."""
 
 import json
 import os
@@ -95,7 +95,7 @@ def test_two_ranks_match_one_rank_with_twice_the_rows(tmp_path):
             assert torch.equal(a[key], b[key]), f"{name}: {key}"
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "prefix_tuning"])
 def test_adapter_training_two_ranks_match_one_rank(method, tmp_path):
     """Adapters (`adapter.method`) under FSDP2: 2 ranks x b rows per step follow 1 rank x 2b rows step for step, and
     the checkpoint's adapter tensors (shards put back together) equal the one-rank run's."""
@@ -105,7 +105,10 @@ def test_adapter_training_two_ranks_match_one_rank(method, tmp_path):
     write_tiny_data(data_dir)
     torch.manual_seed(0)
     base = tmp_path / "base"  # a tiny pretrained base; the byte tokenizer's 263 ids fit
-    LlamaForCausalLM(LlamaConfig(vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # QLoRA: FSDP splits each NF4 matrix into 2 whole double-quantization groups of 64 x 256 weights, so every block
+    # linear needs at least 32768 weights (hidden 256; k/v 128 x 256).
+    hidden = 256 if method == "qlora" else 32
+    LlamaForCausalLM(LlamaConfig(vocab_size=263, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                  tie_word_embeddings=False)).save_pretrained(base)
     extra = dict(model__path=str(base), adapter__method=method, adapter__rank=4, train__max_steps=3,
@@ -127,5 +130,8 @@ def test_adapter_training_two_ranks_match_one_rank(method, tmp_path):
     full_one = ckpt.load_model_state(ckpt.latest_checkpoint(single))
     full_two = ckpt.load_model_state(ckpt.latest_checkpoint(sharded))
     assert full_one and full_one.keys() == full_two.keys()
+    # Gradients summed over two ranks instead of accumulated on one differ in the last bits; Adam's normalization
+    # carries that to about 1e-6 of an update at lr 3e-2 (more for the 8x wider qlora model).
+    atol = 1e-5 if method == "qlora" else 1e-6
     for name in full_one:
-        torch.testing.assert_close(full_two[name], full_one[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(full_two[name], full_one[name], rtol=1e-5, atol=atol)

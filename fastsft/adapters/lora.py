@@ -66,6 +66,24 @@ def is_nf4(weight: torch.Tensor) -> bool:
     return type(weight).__name__ == "NF4Tensor"
 
 
+def check_nf4_shardable(model: nn.Module, world_size: int) -> None:
+    """FSDP2 shards an NF4 weight by rows, cutting each of its packed pieces (4-bit codes, block scalers, their
+    int8 quantization factors) into `world_size` equal parts; a weight whose pieces do not divide evenly would stop
+    torchao with an assertion deep inside the first all-gather. Raise a ValueError naming the first such weight."""
+    for name, param in model.named_parameters():
+        if not is_nf4(param):
+            continue
+        rows, numel = param.shape[0], param.numel()
+        n_blocks = numel // NF4_BLOCK_SIZE
+        factors = n_blocks // nf4_scaler_block_size(numel)
+        if rows % world_size or n_blocks % world_size or factors % world_size:
+            raise ValueError(f"adapter.method=qlora on {world_size} processes: {name} {tuple(param.shape)} holds "
+                             f"{n_blocks} NF4 blocks in {factors} double-quantization group(s), which FSDP cannot "
+                             f"split {world_size} ways (rows, blocks and groups must divide by {world_size}: a matrix "
+                             f"of a multiple of {NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE * world_size} weights does); "
+                             "use a world size that divides them, or adapter.method=lora")
+
+
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A base weight as a plain tensor (NF4 dequantized) in `dtype` (default: its own)."""
     return weight.to(dtype or weight.dtype) if not is_nf4(weight) else weight.get_original_weight().to(dtype or weight.dtype)

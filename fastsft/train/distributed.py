@@ -139,6 +139,9 @@ def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from fastsft.adapters.lora import check_nf4_shardable
+
+    check_nf4_shardable(model, info.world_size)
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     blocks = list(model.layers)
     for i, block in enumerate(blocks):
