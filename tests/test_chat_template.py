@@ -245,6 +245,17 @@ def test_train_prepares_with_the_chat_template_options(qwen3, tmp_path):
     assert trained == {"default": ["<think>\n\n</think>\n\nfinal<|im_end|>"], "no_thinking": ["final<|im_end|>"]}
 
 
+def test_plain_texts_encode_as_transformers_does(qwen3, llama3):
+    rng = random.Random(3)
+    for tok in (qwen3, llama3):
+        for _ in range(50):
+            text = " ".join(rng.choice(PIECES + ["<|im_end|>", "<|eot_id|>"]) for _ in range(rng.randint(1, 12)))
+            ids, mask = tok.encode_text(text)
+            reference = list(tok.tok(text, add_special_tokens=True)["input_ids"])
+            assert ids.tolist() == reference + ([tok.eos_id] if reference[-1:] != [tok.eos_id] else [])
+            assert mask[1:].all() and mask[0] == 0
+
+
 def test_llama3_masks_match_trl_training_template(llama3):
     chat_templates = importlib.resources.files("trl") / "chat_templates"
     if (chat_templates / "llama3.jinja").read_text() != llama3.tok.chat_template:

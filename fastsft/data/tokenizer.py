@@ -389,7 +389,9 @@ class HFTokenizer(Tokenizer):
                                clean_up_tokenization_spaces=False)
 
     def encode_text(self, text):
-        ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
+        # The backend directly (the same ids as self.tok(text)): transformers' __call__ may reset the backend's
+        # truncation, a mutation that must not meet a batch encode running on the pipelining thread.
+        ids = self.tok.backend_tokenizer.encode(text, add_special_tokens=True).ids
         if not ids or ids[-1] != self.eos_id:
             ids.append(self.eos_id)
         return _finish(ids, np.ones(len(ids), dtype=np.uint8))
