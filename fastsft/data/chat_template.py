@@ -40,6 +40,7 @@ tokens never are.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import re
 from collections import OrderedDict
@@ -187,7 +188,7 @@ class ShapeCache:
 
     def __init__(self, size: int = 1024):
         self.size = size
-        self.layouts: OrderedDict[str, _Layout] = OrderedDict()
+        self.layouts: OrderedDict[bytes, _Layout] = OrderedDict()
         self.placed = 0  # conversations placed from a shape layout
         self.rendered = 0  # shape skeletons rendered (cache misses)
         self.mismatched = 0  # conversations whose rendering did not match their shape skeleton
@@ -196,7 +197,7 @@ class ShapeCache:
     def enabled(self) -> bool:
         return not (self.mismatched >= 64 and self.mismatched > 4 * self.placed)
 
-    def layout(self, key: str, make) -> _Layout:
+    def layout(self, key: bytes, make) -> _Layout:
         layout = self.layouts.get(key)
         if layout is None:
             layout = self.layouts[key] = make()
@@ -214,7 +215,8 @@ def _place_by_shape(render, messages, text, probe, wanted, structural, marks, sh
     skeleton exactly or a wanted turn cannot be placed in it (the caller then places the conversation alone, which
     also words the error)."""
     sk = _build_skeleton(messages, structural, marks, every_role=True)
-    key = render_key + "\0" + json.dumps(sk.messages, ensure_ascii=False, sort_keys=True, default=str)
+    shape = render_key + "\0" + json.dumps(sk.messages, ensure_ascii=False, sort_keys=True, default=str)
+    key = hashlib.blake2b(shape.encode("utf-8", "surrogatepass"), digest_size=16).digest()  # tools can be long
     layout = shapes.layout(key, lambda: _layout(render(sk.messages, False), sk, messages, probe, marks))
     if layout.bad_marker or any(isinstance(layout.regions.get(i), str) for i in wanted):
         return None
