@@ -181,3 +181,18 @@ def test_dry_run_prints_resolved_yaml(capsys):
     assert printed["optim"]["learning_rate"] == 0.01 and printed["data"]["seq_len"] == 64
     assert main(["train", "--dry-run", "optim.lr=0.01"]) == 2
     assert "optim.learning_rate" in capsys.readouterr().err
+
+
+def test_resume_note_names_only_what_changed():
+    """A checkpoint written before an option existed counts that option as its default; a dict-valued option is
+    compared whole."""
+    from fastsft.train.trainer import config_drift
+
+    saved = C.to_dict(C.TrainConfig())
+    del saved["data"]["earlier_reasoning"], saved["data"]["chat_template_kwargs"]  # an older fastsft's config
+    assert config_drift(saved, C.to_dict(C.TrainConfig())) == []
+    now = C.to_dict(C.load_config(None, ['data.chat_template_kwargs={"enable_thinking": false}', "output_dir=x"]))
+    assert config_drift(saved, now) == ["data.chat_template_kwargs: None -> {'enable_thinking': False}"]
+    saved["data"]["chat_template_kwargs"] = {"enable_thinking": False, "extra": 1}
+    assert config_drift(saved, now) == ["data.chat_template_kwargs: {'enable_thinking': False, 'extra': 1} -> "
+                                        "{'enable_thinking': False}"]

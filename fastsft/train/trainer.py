@@ -25,7 +25,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -269,13 +269,9 @@ class Trainer:
         saved_file = path / "config.yaml"
         if not saved_file.is_file() or not self.info.is_main:
             return
-        saved = _flatten(yaml.safe_load(saved_file.read_text()))
-        now = _flatten(to_dict(self.cfg))
-        ignore = {"resume", "output_dir"}
-        changed = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+        changed = config_drift(yaml.safe_load(saved_file.read_text()), to_dict(self.cfg))
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-            self.say(f"note: resuming with options that differ from the checkpoint's: {details}")
+            self.say(f"note: resuming with options that differ from the checkpoint's: {', '.join(changed)}")
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -532,12 +528,27 @@ class _IntervalClock:
             self._excluded += time.perf_counter() - t0
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def config_drift(saved: dict, now: dict) -> list[str]:
+    """"key: saved -> now" for each option that differs between a checkpoint's config.yaml and this run's (both as
+    nested dicts). An option the checkpoint's fastsft did not have yet counts as its default, so a newer fastsft
+    resuming an older run names only what the user changed."""
+    saved, now = _flatten(saved), _flatten(now)
+    defaults = _flatten(to_dict(TrainConfig()))
+    ignore = {"resume", "output_dir"}
+    return [f"{k}: {saved.get(k, defaults.get(k))!r} -> {now.get(k)!r}" for k in sorted(now.keys() | saved.keys())
+            if k not in ignore and saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k))]
+
+
+def _flatten(d: dict) -> dict:
+    """{"section.option": value} from the config as nested dicts (one level of sections; a dict-valued option such
+    as data.chat_template_kwargs stays one value)."""
     out = {}
     for k, v in (d or {}).items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
+        if isinstance(v, dict) and k in _SECTIONS:
+            out.update({f"{k}.{option}": value for option, value in v.items()})
         else:
-            out[key] = v
+            out[k] = v
     return out
+
+
+_SECTIONS = {name for name, value in vars(TrainConfig()).items() if is_dataclass(value)}
