@@ -481,3 +481,17 @@ def test_inspect_marks_exactly_the_trained_tokens(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "out"), "--color", "always"]) == 0
     assert "\033[32mfirst<|end|>\033[0m" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "out"), "--start", "9"]) == 1
+
+
+def test_prepare_locates_a_lone_surrogate_with_a_real_tokenizer(qwen3, tmp_path):
+    """The batch encode on the pipelining thread fails for the whole chunk; the chunk is then encoded record by
+    record, which names the record, and --skip-bad keeps the others."""
+    from fastsft.data.prepare import prepare_dataset
+
+    lines = ['{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "yes"}]}'
+             % ("bad \\ud800 here" if i == 3 else f"ok {i}") for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:4: field 'messages\[0\]\.content': holds a lone surrogate"):
+        prepare_dataset(tmp_path / "d.jsonl", qwen3, tmp_path / "a", progress=False)
+    manifest = prepare_dataset(tmp_path / "d.jsonl", qwen3, tmp_path / "b", progress=False, skip_bad=True)
+    assert manifest["records"]["skipped_bad"] == 1 and manifest["splits"]["train"]["documents"] == 4
