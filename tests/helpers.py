@@ -265,3 +265,16 @@ def save_tiny_base(path: Path, **overrides) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**{**TINY_BASE, **overrides})).save_pretrained(path)
     return path
+
+
+def assert_generate_with_adapter_equals_checkpoint(checkpoint: Path, base_dir: Path, adapter_dir: Path, capsys) -> None:
+    """`fastsft generate` from a training checkpoint prints what the base model plus the exported PEFT adapter
+    (`--adapter`) prints, greedy, on the CPU."""
+    from fastsft.cli import main
+
+    capsys.readouterr()
+    common = ["--prompt", "abc", "--raw", "--max-new-tokens", "6", "--tokenizer", "byte", "--device", "cpu"]
+    assert main(["generate", "--model", str(checkpoint), *common]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["generate", "--model", str(base_dir), "--adapter", str(adapter_dir), *common]) == 0
+    assert capsys.readouterr().out == from_checkpoint

@@ -8,7 +8,15 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_weights, final_weights, save_tiny_base, stop_after, tiny_config, write_tiny_data
+from helpers import (
+    assert_generate_with_adapter_equals_checkpoint,
+    assert_same_weights,
+    final_weights,
+    save_tiny_base,
+    stop_after,
+    tiny_config,
+    write_tiny_data,
+)
 
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.trainer import Trainer
@@ -121,9 +129,4 @@ def test_export_peft_dir_merge_and_generate_with_adapter(tmp_path, data_dir, bas
     assert (merged_logits - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 weights
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
-    capsys.readouterr()
-    common = ["--prompt", "abc", "--raw", "--max-new-tokens", "6", "--tokenizer", "byte", "--device", "cpu"]
-    assert main(["generate", "--model", str(checkpoint), *common]) == 0
-    from_checkpoint = capsys.readouterr().out
-    assert main(["generate", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), *common]) == 0
-    assert capsys.readouterr().out == from_checkpoint
+    assert_generate_with_adapter_equals_checkpoint(checkpoint, base_dir, tmp_path / "adapter", capsys)

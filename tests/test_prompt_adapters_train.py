@@ -9,7 +9,15 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_same_weights, final_weights, save_tiny_base, stop_after, tiny_config, write_tiny_data
+from helpers import (
+    assert_generate_with_adapter_equals_checkpoint,
+    assert_same_weights,
+    final_weights,
+    save_tiny_base,
+    stop_after,
+    tiny_config,
+    write_tiny_data,
+)
 
 from fastsft.train import checkpoint as ckpt
 from fastsft.train.trainer import Trainer
@@ -76,9 +84,4 @@ def test_prompt_run_exports_to_peft_and_generates(tmp_path, data_dir, base_dir, 
     assert (expected - base_logits).abs().max() > 1e-3  # training moved the model
     assert torch.allclose(peft_logits, expected, rtol=1e-5, atol=1e-5)
 
-    capsys.readouterr()
-    common = ["--prompt", "abc", "--raw", "--max-new-tokens", "6", "--tokenizer", "byte", "--device", "cpu"]
-    assert main(["generate", "--model", str(checkpoint), *common]) == 0
-    from_checkpoint = capsys.readouterr().out
-    assert main(["generate", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), *common]) == 0
-    assert capsys.readouterr().out == from_checkpoint
+    assert_generate_with_adapter_equals_checkpoint(checkpoint, base_dir, tmp_path / "adapter", capsys)
